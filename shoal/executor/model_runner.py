@@ -1,0 +1,212 @@
+"""ModelRunner: builds the model on the platform's device, owns the paged KV cache, and turns a
+`SchedulerOutput` into one forward pass + sampling.
+
+Start-up: build the model (dtype from config/platform) → load weights with a progress bar →
+post-process (e.g. MLA absorbed weights) → optional weight quantization → size the KV cache from
+the memory budget and bind it to every attention layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shoal.backends.base import Platform
+from shoal.config import EngineConfig, ModelConfig
+from shoal.engine.scheduler import SchedulerOutput
+from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
+from shoal.layers.sampler import SamplerOutput, SamplingRow, sample
+from shoal.loader import ModelSource, iter_weights
+from shoal.models.registry import model_class
+
+log = logging.getLogger("shoal")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
+    if name == "auto":
+        return platform.default_dtype()
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def kv_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules that own a slice of the paged cache (PagedAttention, MLA), in layer order."""
+    return [m for m in model.modules() if hasattr(m, "kv_cache_spec") and hasattr(m, "bind_kv_cache")]
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled: dict[str, int]  # request id → new token
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]]  # request id → (chosen logprob, top)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, source: ModelSource, platform: Platform,
+                 max_model_len: int, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.platform = platform
+        self.device = platform.device()
+        self.dtype = resolve_dtype(cfg.dtype, platform)
+        self.block_size = cfg.cache.block_size or platform.kv_block_size
+        self.max_model_len = max_model_len
+        self.model = self._build_model(source, progress)
+        self.num_blocks, self.kv_bytes_per_block = self._allocate_kv_cache()
+        self.generators: dict[str, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ start-up
+    def _build_model(self, source: ModelSource, progress: bool) -> nn.Module:
+        cls = model_class(self.model_cfg)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.model_cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        weights = iter_weights(source, self.model_cfg)
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            weights = tqdm(weights, desc=f"loading {source.name}", unit=" tensors", leave=False)
+        model.load_weights((n, t.to(self.dtype) if t.is_floating_point() else t) for n, t in weights)
+        if hasattr(model, "process_weights_after_loading"):
+            model.process_weights_after_loading()
+        if self.cfg.quantization != "none":
+            from shoal.layers.quant import quantize_model
+
+            quantize_model(model, self.cfg.quantization)
+        return model.eval()
+
+    def _allocate_kv_cache(self) -> tuple[int, int]:
+        layers = kv_layers(self.model)
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_token = sum(math.prod(shape) for m in layers for shape in m.kv_cache_spec().values()) * elem
+        per_block = per_token * self.block_size
+        cc = self.cfg.cache
+        if cc.num_blocks_override:
+            num_blocks = cc.num_blocks_override
+        else:
+            if cc.kv_cache_memory is not None:
+                budget = cc.kv_cache_memory
+            else:
+                free, _ = self.platform.memory_info()
+                budget = self.platform.kv_cache_budget(free)
+            # never more than every sequence at full length could use
+            useful = self.cfg.scheduler.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
+            num_blocks = max(1, min(budget // per_block, useful))
+        for m in layers:
+            caches = {
+                key: torch.zeros((num_blocks, self.block_size, *shape), dtype=self.dtype, device=self.device)
+                for key, shape in m.kv_cache_spec().items()
+            }
+            m.bind_kv_cache(caches)
+        self.kv_bytes_per_token = per_token
+        return num_blocks, per_block
+
+    # ------------------------------------------------------------------ one step
+    def _prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qlens: list[int] = []
+        slens: list[int] = []
+        logits_idx: list[int] = []
+        tables: list[list[int]] = []
+        for s in out.scheduled:
+            req, n = s.request, s.num_new_tokens
+            start = req.num_computed_tokens
+            toks = req.all_token_ids[start : start + n]
+            ids.extend(toks)
+            rng = range(start, start + n)
+            pos.extend(rng)
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in rng)
+            qlens.append(n)
+            slens.append(start + n)
+            tables.append(blocks)
+            if s.samples:
+                logits_idx.append(len(ids) - 1)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        table = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        qsl = [0]
+        for n in qlens:
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(slens, dtype=torch.long, device=dev),
+            block_tables=table.to(dev),
+            query_lens_cpu=qlens,
+            seq_lens_cpu=slens,
+            block_size=bs,
+            max_query_len=max(qlens),
+            max_seq_len=max(slens),
+        )
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            attn=meta,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+        )
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = self.generators.get(request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed)
+            self.generators[request_id] = g
+        return g
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def forward_logits(self, out: SchedulerOutput) -> tuple[list, torch.Tensor | None]:
+        """Run the model on one scheduled batch; logits [S, V] for the requests that sample."""
+        fb = self._prepare(out)
+        hidden = self.model(fb)
+        sampling = [s.request for s in out.scheduled if s.samples]
+        if not sampling:
+            return sampling, None
+        return sampling, self.model.compute_logits(hidden.index_select(0, fb.logits_indices))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, blocked_ids: dict[str, list[int]]) -> StepResult:
+        if out.is_empty:
+            return StepResult({}, {})
+        sampling, logits = self.forward_logits(out)
+        if logits is None:
+            return StepResult({}, {})
+        rows = [
+            SamplingRow(
+                params=r.sampling_params,
+                prompt_ids=r.prompt_token_ids,
+                output_ids=r.output_token_ids,
+                generator=self._generator(r.request_id, r.sampling_params.seed),
+                blocked_ids=blocked_ids.get(r.request_id, []),
+            )
+            for r in sampling
+        ]
+        res: SamplerOutput = sample(logits, rows)
+        sampled = {r.request_id: t for r, t in zip(sampling, res.token_ids)}
+        lps: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+        if res.logprobs is not None:
+            for i, r in enumerate(sampling):
+                if r.sampling_params.logprobs is not None:
+                    lps[r.request_id] = (res.logprobs[i], res.top_logprobs[i] if res.top_logprobs else [])
+        return StepResult(sampled, lps)

@@ -1,0 +1,123 @@
+"""Rotary position embedding with the scalings the supported models use.
+
+- default: inv_freq = base^(-2i/d)
+- llama3 (Llama 3.1/3.3, R1-Distill-Llama): long wavelengths slowed by `factor`, smooth in between
+- yarn (DeepSeek-V2/V3/R1): per-dimension blend of interpolation and extrapolation (a linear ramp
+  between the beta_fast/beta_slow correction dims) and cos/sin scaled by
+  mscale(factor, mscale) / mscale(factor, mscale_all_dim). The matching softmax-scale correction,
+  mscale(factor, mscale_all_dim)², belongs to the attention (see `yarn_softmax_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from shoal.backends import ops
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_softmax_scale(head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+    """DeepSeek's attention scale: head_dim^-0.5, times mscale_all_dim² under YaRN."""
+    scale = head_dim**-0.5
+    if rope_scaling and rope_scaling.get("rope_type") == "yarn":
+        m_all = rope_scaling.get("mscale_all_dim") or 0
+        if m_all:
+            m = yarn_get_mscale(float(rope_scaling["factor"]), float(m_all))
+            scale = scale * m * m
+    return scale
+
+
+def _inv_freq_default(dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def _inv_freq_llama3(dim: int, base: float, rs: dict[str, Any]) -> torch.Tensor:
+    inv = _inv_freq_default(dim, base)
+    factor = float(rs["factor"])
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_len = float(rs["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _inv_freq_yarn(dim: int, base: float, rs: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, float]:
+    factor = rs.get("factor")
+    orig = float(rs["original_max_position_embeddings"])
+    factor = float(factor) if factor is not None else max_pos / orig
+    beta_fast = float(rs.get("beta_fast") or 32)
+    beta_slow = float(rs.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # computed in float32 like the reference, so parity holds to the last bit of the angle
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep_extra = 1 - ramp
+    inv = inter * (1 - keep_extra) + extra * keep_extra
+    if rs.get("attention_factor") is not None:
+        attn_factor = float(rs["attention_factor"])
+    else:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        if m and m_all:
+            attn_factor = yarn_get_mscale(factor, float(m)) / yarn_get_mscale(factor, float(m_all))
+        else:
+            attn_factor = yarn_get_mscale(factor)
+    return inv, attn_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin per position; `forward(positions, x)` rotates x [T, H, rot_dim]."""
+
+    def __init__(
+        self,
+        rot_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None = None,
+        interleaved: bool = False,
+    ) -> None:
+        super().__init__()
+        self.rot_dim = rot_dim
+        self.interleaved = interleaved
+        kind = (rope_scaling or {}).get("rope_type", "default")
+        attn_factor = 1.0
+        if kind == "default":
+            inv = _inv_freq_default(rot_dim, base).float()
+        elif kind == "llama3":
+            inv = _inv_freq_llama3(rot_dim, base, rope_scaling).float()  # type: ignore[arg-type]
+        elif kind == "yarn":
+            inv, attn_factor = _inv_freq_yarn(rot_dim, base, rope_scaling, max_position)  # type: ignore[arg-type]
+        elif kind == "linear":
+            inv = _inv_freq_default(rot_dim, base).float() / float(rope_scaling["factor"])  # type: ignore[index]
+        else:
+            raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
+        self.max_position = max_position
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv.float())  # [P, rot/2]
+        self.register_buffer("cos", freqs.cos() * attn_factor, persistent=False)
+        self.register_buffer("sin", freqs.sin() * attn_factor, persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cos = self.cos.index_select(0, positions)
+        sin = self.sin.index_select(0, positions)
+        return ops.rotary(x, cos, sin, self.interleaved)
