@@ -164,6 +164,11 @@ class ModelConfig:
                 fields["n_routed_experts"] = 0
             if fields.get("n_shared_experts") is None:
                 fields["n_shared_experts"] = 0
+            # transformers 5 writes DeepSeek-V3 configs without these keys; its V3 gate is always
+            # the sigmoid + noaux_tc one (as in every published V3/R1 config)
+            if mt == "deepseek_v3":
+                fields.setdefault("scoring_func", "sigmoid")
+                fields.setdefault("topk_method", "noaux_tc")
         return cls(**fields)
 
     def replace(self, **changes: Any) -> "ModelConfig":

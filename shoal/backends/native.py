@@ -13,12 +13,18 @@ import torch.nn.functional as F
 from shoal.executor.forward_batch import AttentionMetadata
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """x in the accumulation dtype: float32, or float64 when x is float64 (the conformance
+    reference runs every op in float64 on the CPU)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = x / rms(x) * weight, computed in float32 and cast back."""
     dtype = x.dtype
-    xf = x.float()
+    xf = _acc(x)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(dtype)
+    return (xf * weight.to(xf.dtype)).to(dtype)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -120,20 +126,20 @@ def mla_attention(
     q = torch.cat((q_latent, q_pe), dim=-1)  # [T, H, C+R]
     if meta.decode_only:
         ctx, valid = _gather_batch(kv_cache, meta)  # [B, L, C+R]
-        scores = torch.einsum("bhc,blc->bhl", q.float(), ctx.float()) * scale
+        scores = torch.einsum("bhc,blc->bhl", _acc(q), _acc(ctx)) * scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         probs = scores.softmax(-1)
-        return torch.einsum("bhl,blc->bhc", probs, ctx[..., :c].float()).to(q_latent.dtype)
+        return torch.einsum("bhl,blc->bhc", probs, _acc(ctx[..., :c])).to(q_latent.dtype)
     outs = []
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         ctx = _gather_context(kv_cache, meta.block_tables[i], length, meta.block_size)  # [L, C+R]
         qi = q[start : start + n]  # [n, H, C+R]
-        scores = torch.einsum("nhc,lc->hnl", qi.float(), ctx.float()) * scale
+        scores = torch.einsum("nhc,lc->hnl", _acc(qi), _acc(ctx)) * scale
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1)
-        outs.append(torch.einsum("hnl,lc->nhc", probs, ctx[:, :c].float()).to(q_latent.dtype))
+        outs.append(torch.einsum("hnl,lc->nhc", probs, _acc(ctx[:, :c])).to(q_latent.dtype))
         start += n
     return torch.cat(outs, dim=0)
 
@@ -162,10 +168,11 @@ def moe_experts(
         gate, up = h.chunk(2, dim=-1)
         out[start : start + n] = (F.silu(gate) * up) @ w2[e].t()
         start += n
-    out = out * topk_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    y = torch.zeros_like(x)
+    # weight and sum the top-k outputs in the accumulation dtype (as fused kernels do), then cast
+    out = _acc(out) * topk_weights.reshape(-1)[order].unsqueeze(-1).to(_acc(out).dtype)
+    y = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
     y.index_add_(0, token_of, out)
-    return y
+    return y.to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -175,14 +182,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row of probs [B, V]; row i uses generators[i] when given, so a seeded
     request gets the same tokens whatever else is in the batch. Exponential race: argmax p / E."""
-    q = torch.empty_like(probs, dtype=torch.float32)
+    q = torch.empty_like(probs, dtype=torch.float32)  # exponential noise, one row per request
     for i, g in enumerate(generators):
         if g is None:
             q[i].exponential_()
         else:
             q[i].exponential_(generator=g)
-    return (probs.float() / q).argmax(dim=-1)
+    return (_acc(probs) / q).argmax(dim=-1)
 
+
+# Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;
+# `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
+KNOWN_OPS = (
+    "rms_norm", "rotary", "store_kv", "paged_attention", "mla_attention", "moe_experts",
+    "linear", "quant_linear", "sample",
+)
 
 NATIVE_OPS = {
     "rms_norm": rms_norm,

@@ -176,9 +176,19 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
         now = time.monotonic()
+        changed: dict[str, _Group] = {}
+        # requests the scheduler ended itself: they outgrew the whole KV cache
+        for r in out.finished:
+            g, smp = self._by_req.pop(r.request_id, (None, None))
+            if g is None:
+                continue
+            smp.text += smp.detok.flush()
+            smp.finish_reason = smp.finish_reason or "length"
+            self.runner.release(r.request_id)
+            changed[g.request_id] = g
+        if out.is_empty:
+            return self._emit(changed, now)
         blocked = {}
         for s in out.scheduled:
             g, smp = self._by_req[s.request.request_id]
@@ -195,7 +205,6 @@ class LLMEngine:
         result = self.runner.execute(out, blocked)
         self.scheduler.update_after_step(out, result.sampled)
         now = time.monotonic()
-        changed: dict[str, _Group] = {}
         for rid, tok in result.sampled.items():
             g, smp = self._by_req[rid]
             self.num_generation_tokens += 1
@@ -215,13 +224,9 @@ class LLMEngine:
                 self.scheduler.finish_request(rid, status)
                 self.runner.release(rid)
                 self._by_req.pop(rid, None)
-        # a request the scheduler gave up on (cache too small even alone) is finished by length
-        for s in out.scheduled:
-            r = s.request
-            if r.status == RequestStatus.FINISHED_LENGTH and r.request_id in self._by_req:
-                g, smp = self._by_req.pop(r.request_id)
-                smp.finish_reason = smp.finish_reason or "length"
-                changed[g.request_id] = g
+        return self._emit(changed, now)
+
+    def _emit(self, changed: dict[str, _Group], now: float) -> list[RequestOutput]:
         outputs = []
         for g in changed.values():
             if g.finished:

@@ -99,15 +99,24 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        preempted: list[Request] = []
-        finished: list[Request] = []
+        out = SchedulerOutput([], [], 0)
+        self._schedule_running(out)
+        if not out.preempted:  # a cache that just had to evict running work takes no newcomers
+            self._admit_waiting(out)
+        return out
 
+    def _budget(self, out: SchedulerOutput) -> int:
+        return self.config.max_num_batched_tokens - out.num_batched_tokens
+
+    def _take(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        out.scheduled.append(ScheduledRequest(req, num_new))
+        out.num_batched_tokens += num_new
+
+    def _schedule_running(self, out: SchedulerOutput) -> None:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and self._budget(out) > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens - req.num_computed_tokens, self._budget(out))
             if num_new <= 0:  # nothing to compute (its sampled token has not arrived); skip it
                 i += 1
                 continue
@@ -115,42 +124,38 @@ class Scheduler:
                 if len(self.running) == 1:  # alone and still too big: it has filled the whole cache
                     self.running.pop()
                     self._finish(req, RequestStatus.FINISHED_LENGTH)
-                    finished.append(req)
+                    out.finished.append(req)
                     break
-                victim = self.running[-1]  # the newest running request
+                victim = self.running.pop()  # the newest running request, maybe req itself
                 self._preempt(victim)
-                preempted.append(victim)
+                out.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                scheduled.append(ScheduledRequest(req, num_new))
-                budget -= num_new
+                self._take(out, req, num_new)
                 i += 1
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _admit_waiting(self, out: SchedulerOutput) -> None:
+        while self.waiting and self._budget(out) > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             computed, num_cached = self.block_manager.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_cached, budget)
+            num_new = min(req.num_tokens - num_cached, self._budget(out))
             if not self.block_manager.allocate_slots(req, num_new, computed):
                 if self.running:
-                    break  # first come first served: wait for blocks to come back
-                # the cache is empty and still too small for this request's tokens (prompt + outputs
-                # after a preemption): it can never sample again
+                    return  # first come first served: wait for blocks to come back
+                # even an empty cache cannot hold this request's tokens (prompt + outputs kept over
+                # a preemption): it can never sample again
                 self.waiting.popleft()
                 self._finish(req, RequestStatus.FINISHED_LENGTH)
-                finished.append(req)
+                out.finished.append(req)
                 continue
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, num_new))
-            budget -= num_new
-
-        used = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, preempted, used, finished)
+            self._take(out, req, num_new)
 
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+        """Free a request just taken out of running; it recomputes prompt + outputs when readmitted."""
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED

@@ -81,7 +81,9 @@ def _open_cached(path: str, mtime: float, size: int) -> Any:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on short files
-        raise CheckpointError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}); re-download it") from None
+        raise CheckpointError(
+            f"{path} is truncated or not a GGUF file ({type(e).__name__}: {e}); re-download it"
+        ) from None
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise CheckpointError(

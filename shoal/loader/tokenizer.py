@@ -244,7 +244,9 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     tk.pre_tokenizer = _PRE_TOKENIZERS.get(pre or "default", _PRE_TOKENIZERS["default"])()
     tk.decoder = decoders.ByteLevel()
     # control tokens spelled outside the byte alphabet are llama.cpp mislabels: leave them out
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
+    control = [
+        AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet
+    ]
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4 and t in vocab]
     if control:
         tk.add_special_tokens(control)

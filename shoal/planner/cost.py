@@ -138,7 +138,11 @@ class Predictor:
         self.eff = eff
         self.notes: list[str] = []
         bw = chip.need("mem_bw_tbs") * 1e12
-        self.bw = bw * eff["mem"]
+        # e2e / e2e_mem: global end-to-end deratings of the kernel-level compute / memory efficiencies
+        # (non-GEMM kernels, scheduling, host overhead); fitted on the FIT rows, see docs/planner.md
+        self.e2e = float(eff.get("e2e", 1.0))
+        self.overlap = float(eff.get("tbo_overlap", 1.0))
+        self.bw = bw * eff["mem"] * float(eff.get("e2e_mem", 1.0))
         self.kernel_s = eff["kernel_us"] * 1e-6
         self.coll_s = eff["coll_us"] * 1e-6
         self.m_half = float(eff["gemm_m_half"])
@@ -151,7 +155,7 @@ class Predictor:
         if note and note not in self.notes:
             self.notes.append(note)
         e = self.eff["gemm"].get(precision, 0.68) if kind == "gemm" else self.eff["attn"]
-        return pk * 1e12 * e
+        return pk * 1e12 * e * self.e2e
 
     def _node_size(self, lay: Layout) -> int:
         if lay.node_size:
@@ -292,11 +296,16 @@ class Predictor:
                 if ep > 1:
                     node = self._node_size(lay)
                     td = T / lay.n_dev
-                    if ep <= node:
+                    if lay.n_dev <= node:
                         by = td * k * s.hidden * 3.0 * (ep - 1) / ep
                         comm += by / self._up_bw() + 2 * self.coll_s
+                    elif not prefill:
+                        # decode uses low-latency all-to-all: one copy per routed expert, all over RDMA
+                        by = td * k * s.hidden * 3.0 * (ep - 1) / ep
+                        comm += by / self._rdma_bw() + 2 * self.coll_s
                     else:
-                        frac_inter = 1.0 - node / ep
+                        # prefill (normal kernels): one copy per target node over RDMA, NVLink fan-out
+                        frac_inter = 1.0 - node / lay.n_dev
                         fan = min(k, max(1, s.cfg.topk_group if s.cfg.n_group > 1 else k))
                         inter = td * fan * s.hidden * 3.0 * frac_inter
                         intra = td * k * s.hidden * 3.0 * (1 - frac_inter)
@@ -324,8 +333,8 @@ class Predictor:
             parts, kern = layer.parts, layer.kern  # type: ignore[attr-defined]
             ov = kern * self.kernel_s
             if lay.tbo:
-                lt = micro * max(t, comm) + micro * ov
-                exposed = max(0.0, comm - t) * micro
+                lt = micro * (max(t, comm) + (1.0 - self.overlap) * min(t, comm)) + micro * ov
+                exposed = (lt - micro * ov) - micro * t if comm > t else micro * (1.0 - self.overlap) * comm
             else:
                 lt = t + comm + ov
                 exposed = comm
@@ -348,10 +357,14 @@ class Predictor:
                 t, comm = layer(s.is_moe, mtp_layer=True)
                 parts, kern = layer.parts, layer.kern  # type: ignore[attr-defined]
                 ov = kern * self.kernel_s
-                lt = (micro * max(t, comm) if lay.tbo else t + comm) + micro * ov + th
+                if lay.tbo:
+                    body = micro * (max(t, comm) + (1.0 - self.overlap) * min(t, comm))
+                else:
+                    body = t + comm
+                lt = body + micro * ov + th
                 for key, v in parts.items():
                     acc[key] += v * micro
-                acc["interconnect"] += (max(0.0, comm - t) * micro) if lay.tbo else comm
+                acc["interconnect"] += max(0.0, body - micro * t)
                 acc["overhead"] += micro * ov
                 total += lt
         return PhaseResult(total, acc, list(self.notes))

@@ -1,8 +1,13 @@
-"""The CPU platform: plain torch with oneDNN/AMX underneath; memory from /proc/meminfo."""
+"""The CPU platform: plain torch with oneDNN underneath; memory from /proc/meminfo.
+
+Every op uses its native form here, so the CPU run of `shoal conformance` checks the native ops
+themselves (against the independent slow references in the suite).
+"""
 
 from __future__ import annotations
 
 import os
+import platform as _pyplatform
 
 import torch
 
@@ -17,7 +22,12 @@ def _meminfo() -> tuple[int, int]:
                 k, v = line.split(":", 1)
                 vals[k] = int(v.strip().split()[0]) * 1024
         return vals.get("MemAvailable", 0), vals.get("MemTotal", 0)
-    except OSError:
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other POSIX systems: total only; report it as free too rather than nothing
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total
+    except (ValueError, OSError, AttributeError):
         return 0, 0
 
 
@@ -37,11 +47,14 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     kv_block_size = 16
+    # RAM is shared with the OS and every other process: a quarter of what is available, ≤ 4 GiB
+    kv_cache_fraction = 0.25
+    kv_cache_max_bytes = 4 * 2**30
 
     def device_count(self) -> int:
         return 1
 
-    def device_name(self, index: int = 0) -> str:
+    def device_name(self, index: int | None = None) -> str:
         try:
             with open("/proc/cpuinfo") as f:
                 for line in f:
@@ -49,14 +62,10 @@ class CpuPlatform(Platform):
                         return line.split(":", 1)[1].strip()
         except OSError:
             pass
-        return "cpu"
+        return _pyplatform.processor() or "cpu"
 
-    def memory_info(self, index: int = 0) -> tuple[int, int]:
+    def memory_info(self, index: int | None = None) -> tuple[int, int]:
         return _meminfo()
-
-    def kv_cache_budget(self, free_bytes: int) -> int:
-        # host memory is shared with everything else: a tenth of what is free, at most 2 GiB
-        return min(free_bytes // 10, 2 * 2**30)
 
     def has_fast_bf16(self) -> bool:
         flags = _cpu_flags()
@@ -64,6 +73,13 @@ class CpuPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         return torch.float32
+
+    def library_versions(self) -> dict[str, str]:
+        out = super().library_versions()
+        out["threads"] = str(torch.get_num_threads())
+        out["onednn"] = "yes" if torch.backends.mkldnn.is_available() else "no"
+        out["fast bf16 (avx512_bf16/amx)"] = "yes" if self.has_fast_bf16() else "no"
+        return out
 
     def physical_cores(self) -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
