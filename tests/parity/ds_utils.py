@@ -102,7 +102,7 @@ class PagedHarness:
         self.bs = block_size
         self.per_seq = (max_len + block_size - 1) // block_size
         num_blocks = num_seqs * self.per_seq + 1  # block 0 is never used: padding in block tables
-        dtype = dtype or next(model.parameters()).dtype
+        dtype = dtype or next(model.parameters(), torch.empty(0)).dtype
         for m in model.modules():
             if hasattr(m, "kv_cache_spec") and hasattr(m, "bind_kv_cache"):
                 m.bind_kv_cache({k: torch.zeros(num_blocks, block_size, *shape, dtype=dtype)
