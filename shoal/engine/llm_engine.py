@@ -93,6 +93,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # counters for metrics
         self.num_generation_tokens = 0
         self.num_computed_prompt_tokens = 0
+        self.num_preemptions = 0
         log.info(
             "shoal: %s on %s (%s), %d KV blocks × %d tokens (%.1f MiB, %d bytes/token)",
             self.source.name, platform.name, self.runner.dtype, self.runner.num_blocks, self.runner.block_size,
@@ -176,6 +177,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
         now = time.monotonic()
         changed: dict[str, _Group] = {}
         # requests the scheduler ended itself: they outgrew the whole KV cache
@@ -313,6 +315,7 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
             "computed_prompt_tokens": self.num_computed_prompt_tokens,
+            "num_preemptions": self.num_preemptions,
         }
 
 

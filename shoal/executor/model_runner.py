@@ -77,7 +77,7 @@ class ModelRunner:
             from tqdm import tqdm
 
             weights = tqdm(weights, desc=f"loading {source.name}", unit=" tensors", leave=False)
-        model.load_weights((n, t.to(self.dtype) if t.is_floating_point() else t) for n, t in weights)
+        model.load_weights(weights)  # each parameter copy casts; fp32 scales stay exact until used
         if hasattr(model, "process_weights_after_loading"):
             model.process_weights_after_loading()
         if self.cfg.quantization != "none":

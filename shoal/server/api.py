@@ -12,9 +12,13 @@ requests finish for up to `--shutdown-timeout` seconds (then abort them), and sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,10 +263,37 @@ def run_server(args: argparse.Namespace) -> int:
         )
         log.info("shoal %s serving %s on http://%s:%d (OpenAI API under /v1)", __version__, names[0], args.host,
                  args.port)
-        uvicorn.Server(config).run()
+        _GracefulServer(config).run()
     finally:
         engine.shutdown()
     return 0
+
+
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, which kills the process before the
+        engine is shut down; this one returns instead, so `shoal serve` exits 0 after draining."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return GracefulServer
+
+
+def _GracefulServer(config: Any) -> Any:  # noqa: N802 - reads as a class at the call site
+    return _graceful_server_class()(config)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:

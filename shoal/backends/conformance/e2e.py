@@ -7,8 +7,9 @@ Two comparisons per model and dtype, both against the CPU float32 reference run:
 - teacher-forced: after every prefix of the reference continuation, the device's next token,
   checked at every step whose reference margin is at least the threshold. This keeps checking
   past the first near-tie, where free-running greedy would compare different texts.
-A run passes when neither finds a difference and at least a quarter of the reference steps were
-discriminative; otherwise it fails (naming the first difference) or fails as "inconclusive".
+A run passes when at least a quarter of the reference steps were discriminative and enough of
+them agree (every one in float32, MIN_AGREEMENT in half precision); otherwise it fails, naming the
+first difference, or fails as "inconclusive".
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ NEAR_TIE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
 # MoE routing is discontinuous: a rounding-level change can swap an expert, so margins need more room
 MOE_MODELS = {"deepseek_v3"}
 MOE_FACTOR = 2.5
+# share of discriminative teacher-forced steps that must agree: all in float32; in half precision a
+# rare flip is rounding (a routing swap, a margin just above the threshold), a wrong op flips most
+MIN_AGREEMENT = {"float32": 1.0, "float16": 0.95, "bfloat16": 0.9}
 
 
 def _prompts(vocab: int, seed: int) -> list[list[int]]:
@@ -164,14 +168,18 @@ def _run_model(name: str, path: Path, platform: Platform, dtypes: list[str], see
         matched, compared, first_g = compare_greedy(ref, got, near_tie)
         agree, checked, max_lp, first_f = compare_forced(ref, steps, near_tie)
         generated = sum(len(r) for r in ref)
-        detail = (f"teacher-forced {agree}/{checked} steps agree (margin ≥ {near_tie:g}), "
-                  f"max logprob diff {max_lp:.3f}")
-        if first_g or first_f:
-            status, detail = "fail", "; ".join(x for x in (first_g, first_f) if x)
-        elif checked * 4 < generated:
-            status, detail = "fail", f"inconclusive: only {checked} of {generated} reference steps are " \
-                                     f"discriminative at margin {near_tie:g}"
+        need = MIN_AGREEMENT[d]
+        detail = (f"teacher-forced {agree}/{checked} steps agree (reference margin ≥ {near_tie:g}; "
+                  f"needed {need:.0%}), max logprob diff {max_lp:.3f}")
+        misses = "; ".join(x for x in (first_g, first_f) if x)
+        if checked * 4 < generated:
+            status = "fail"
+            detail = f"inconclusive: only {checked} of {generated} reference steps have margin ≥ {near_tie:g}"
+        elif agree < need * checked or (need == 1.0 and first_g):
+            status, detail = "fail", f"{detail}; first difference: {misses}"
         else:
             status = "pass"
+            if misses:
+                detail += f"; tolerated: {misses}"
         results.append(E2EResult(name, d, status, matched, compared, generated, detail))
     return results
