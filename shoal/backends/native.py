@@ -7,6 +7,8 @@ Shapes use T = tokens in the flat batch, B = requests, H = heads, D = head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -179,6 +181,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
+def quant_linear(x: torch.Tensor, qweight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) for a weight-only quantized W (a `layers.quant.QuantizedWeight`): dequantize
+    to x's dtype, then a plain matmul. The slow twin of every packed-kernel override."""
+    return F.linear(x, qweight.dequantize(x.dtype), bias)
+
+
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row of probs [B, V]; row i uses generators[i] when given, so a seeded
     request gets the same tokens whatever else is in the batch. Exponential race: argmax p / E."""
@@ -206,5 +214,6 @@ NATIVE_OPS = {
     "mla_attention": mla_attention,
     "moe_experts": moe_experts,
     "linear": linear,
+    "quant_linear": quant_linear,
     "sample": sample,
 }

@@ -21,7 +21,7 @@ from shoal.config import EngineConfig, ModelConfig
 from shoal.engine.scheduler import SchedulerOutput
 from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
 from shoal.layers.sampler import SamplerOutput, SamplingRow, sample
-from shoal.loader import ModelSource, iter_weights
+from shoal.loader import ModelSource, iter_gguf_raw, iter_weights
 from shoal.models.registry import model_class
 
 log = logging.getLogger("shoal")
@@ -31,6 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
     if name == "auto":
+        # bf16 where the CPU computes it natively (AVX512-BF16/AMX): prefill runs on AMX and the
+        # packed int4/int8 kernels are fast only with bf16 activations
+        if getattr(platform, "has_fast_bf16", lambda: False)():
+            return torch.bfloat16
         return platform.default_dtype()
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
@@ -72,7 +76,13 @@ class ModelRunner:
                 model = cls(self.model_cfg)
         finally:
             torch.set_default_dtype(prev)
-        weights = iter_weights(source, self.model_cfg)
+        if self._load_gguf_packed(source):
+            from shoal.layers.quant import load_gguf_packed
+
+            raw = iter_gguf_raw(source, self.model_cfg)
+            weights = load_gguf_packed(model, raw, getattr(model, "stacked_params", []), self.cfg.quantization)
+        else:
+            weights = iter_weights(source, self.model_cfg)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -85,6 +95,12 @@ class ModelRunner:
 
             quantize_model(model, self.cfg.quantization)
         return model.eval()
+
+    def _load_gguf_packed(self, source: ModelSource) -> bool:
+        """GGUF Q4_0/Q4_1/Q8_0 blocks go straight into packed weights when the compute dtype is a
+        16-bit one (the packed kernels' fast path); float32 compute dequantizes them (exact)."""
+        return (source.kind == "gguf" and self.dtype in (torch.bfloat16, torch.float16)
+                and self.cfg.parallel.tensor_parallel_size == 1)
 
     def _allocate_kv_cache(self) -> tuple[int, int]:
         layers = kv_layers(self.model)

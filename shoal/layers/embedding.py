@@ -18,8 +18,11 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = (vocab_size + self.tp.size - 1) // self.tp.size
         self.start = self.tp.rank * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size), requires_grad=False)
+        self.quant = None  # a layers.quant.QuantizedWeight (e.g. tied to a quantized LM head)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None and self.tp.size == 1:
+            return self.quant.embedding(ids, self.quant_dtype)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
@@ -36,8 +39,6 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocab slice, gathered to the full vocabulary."""
-
-    quant = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from shoal.engine.async_engine import EngineDeadError
 from shoal.engine.llm_engine import EngineOverloaded, PromptTooLong
-from shoal.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from shoal.engine.outputs import RequestOutput, TokenLogprob
 from shoal.sampling_params import SamplingParams
 from shoal.server.errors import APIError, bad_request, error_body
 from shoal.server.metrics import RequestTimer
@@ -336,7 +336,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
                         index=i * req.n + c.index,
                         text=prefix + c.text,
                         logprobs=completion_logprobs(c.logprobs, len(prefix)) if c.logprobs is not None else None,
-                        finish_reason=_finish(c),
+                        finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     ))
             body = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=job.usage())
@@ -363,7 +363,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
                 lps = completion_logprobs(c.logprobs[toks:], chars) if c.logprobs is not None else None
                 if text or lps and lps.tokens or c.finished:
                     chunks.append(chunk([CompletionChoice(
-                        index=i * req.n + c.index, text=text, logprobs=lps, finish_reason=_finish(c),
+                        index=i * req.n + c.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )]))
                 sent[(i, c.index)] = (max(chars, len(c.text)), len(c.logprobs or ()), c.finished)
@@ -385,6 +385,3 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
 
     return await respond(request, job, "completions", start_stream())
 
-
-def _finish(c: CompletionOutput) -> str | None:
-    return c.finish_reason

@@ -65,6 +65,8 @@ PLANTED = {
     "moe_experts": lambda x, ids, w, w13, w2: N["moe_experts"](x, ids, torch.full_like(w, 1 / w.shape[1]), w13, w2),
     "linear": lambda x, w, b: N["linear"](x, w, None),  # drops the bias
     "sample": lambda probs, gens: probs.argmax(dim=-1),  # greedy instead of a draw
+    # dequantizes through bfloat16 whatever the activation dtype (caught in float32)
+    "quant_linear": lambda x, qw, b: torch.nn.functional.linear(x, qw.dequantize(torch.bfloat16).to(x.dtype), b),
 }
 
 

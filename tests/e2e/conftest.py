@@ -80,6 +80,7 @@ class Server:
 def start_server(args: list[str], log_path: str, api_key: str | None = None) -> Server:
     port = free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("SHOAL_API_KEY", None)  # the key is whatever the test passes
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - owned by the process
     cmd = [sys.executable, "-m", "shoal.server", "--host", "127.0.0.1", "--port", str(port), *args]

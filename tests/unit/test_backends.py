@@ -134,10 +134,20 @@ def test_ops_dispatch_to_the_active_platforms_override():
 
 
 def test_op_sources_list_known_ops_missing_from_the_table():
-    src = CpuPlatform().op_sources()
+    src = Platform().op_sources()  # no overrides
     assert list(src)[: len(NATIVE_OPS)] == list(NATIVE_OPS)
     for name in KNOWN_OPS:
         assert src[name] == ("native" if name in NATIVE_OPS else "not in table")
+    monkey = dict(NATIVE_OPS)
+    monkey.pop("sample")
+    import shoal.backends.base as base
+
+    old = base.NATIVE_OPS
+    base.NATIVE_OPS = monkey
+    try:
+        assert Platform().op_sources()["sample"] == "not in table"
+    finally:
+        base.NATIVE_OPS = old
 
 
 def test_native_ops_run_in_float64():

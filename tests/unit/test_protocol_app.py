@@ -385,34 +385,66 @@ def test_engine_crash_is_generic_500_without_traceback():
     run(go())
 
 
+async def _drive_and_disconnect(app, body: dict, after_bodies: int, after_s: float | None = None) -> list[dict]:
+    """Call the ASGI app directly; the client hangs up after `after_bodies` body messages
+    (or after `after_s` seconds)."""
+    disconnect = asyncio.Event()
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(m):
+        sent.append(m)
+        if sum(1 for s in sent if s["type"] == "http.response.body") == after_bodies:
+            disconnect.set()
+
+    if after_s is not None:
+        asyncio.get_running_loop().call_later(after_s, disconnect.set)
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+             "server": ("test", 80), "client": ("c", 1), "root_path": ""}
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return sent
+
+
 def test_client_disconnect_mid_stream_aborts():
     async def go():
         eng = FakeEngine(reply="x" * 200, max_model_len=1000, step_s=0.01)
-        app = build_app(eng, "fake-model")
-        disconnect = asyncio.Event()
-        sent: list[dict] = []
-        body = json.dumps({**CHAT, "stream": True}).encode()
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if messages:
-                return messages.pop()
-            await disconnect.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(m):
-            sent.append(m)
-            if sum(1 for s in sent if s["type"] == "http.response.body") == 5:
-                disconnect.set()
-
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
-                 "server": ("test", 80), "client": ("c", 1), "root_path": ""}
-        await asyncio.wait_for(app(scope, receive, send), timeout=10)
-        assert eng.running == set()
-        assert len(eng.aborted) == 1
+        sent = await _drive_and_disconnect(build_app(eng, "fake-model"), {**CHAT, "stream": True}, after_bodies=5)
         assert sent[0]["status"] == 200
+        assert eng.running == set() and len(eng.aborted) == 1
+    run(go())
+
+
+def test_client_disconnect_while_waiting_for_non_streamed_reply_aborts():
+    async def go():
+        eng = FakeEngine(reply="x" * 200, max_model_len=1000, step_s=0.01)
+        await _drive_and_disconnect(build_app(eng, "fake-model"), CHAT, after_bodies=-1, after_s=0.2)
+        assert eng.running == set() and len(eng.aborted) == 1
+    run(go())
+
+
+def test_engine_failure_mid_stream_is_an_error_event():
+    class FailsLater(FakeEngine):
+        async def generate(self, prompt, params, request_id):
+            agen = super().generate(prompt, params, request_id)
+            yield await agen.__anext__()
+            await agen.aclose()
+            raise RuntimeError("engine step failed: boom")
+
+    async def go():
+        async with client_for(FailsLater()) as c:
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+            assert r.status_code == 200
+            ev = sse_events(r.text)
+            assert ev[-1] == "[DONE]" and set(ev[-2]) == {"error"}
+            assert ev[-2]["error"]["type"] == "server_error" and "Traceback" not in r.text
     run(go())
 
 

@@ -348,6 +348,31 @@ def check_linear(c: OpContext) -> Iterator[tuple[str, Thunk]]:
             yield f"{name} T={t}", run
 
 
+def check_quant_linear(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """Weight-only int8 (per channel) and int4 (groups of 32) weights in the canonical
+    `layers.quant` formats; the reference dequantizes in float64. Shapes include one the CPU's
+    packed int4 kernel cannot take (N % 16 ≠ 0), so a fallback path is checked too."""
+    from shoal.layers.quant import Int4Weight, Int8Weight  # the formats the op consumes
+
+    cases = [("smollm2 qkv", 576, 960, False, "int8"), ("qwen2 qkv (bias)", 896, 1152, True, "int8"),
+             ("smollm2 down", 1536, 576, False, "int4"), ("qwen2 qkv (bias)", 896, 1152, True, "int4"),
+             ("deepseek kv_a_proj", 64, 40, False, "int4")]
+    for name, fin, fout, bias, fmt in cases:
+        for t in (1, 13):
+            def run(fin: int = fin, fout: int = fout, bias: bool = bias, fmt: str = fmt, t: int = t,
+                    name: str = name) -> CaseResult:
+                w = c.randn(fout, fin, scale=fin**-0.5).float()
+                qw = Int8Weight.quantize(w) if fmt == "int8" else Int4Weight.quantize(w)
+                x = c.rounded(c.randn(t, fin))
+                b = c.rounded(c.randn(fout)) if bias else None
+                ref = NATIVE_OPS["quant_linear"](x, qw, b)
+                oracle = torch.einsum("ti,oi->to", x, qw.dequantize(F64)) + (b if b is not None else 0)
+                got = c.op("quant_linear")(c.dev(x), qw.to(c.device), c.dev(b) if b is not None else None)
+                return c.judge("quant_linear", f"{name} {fmt} [T={t}, {fin}→{fout}]", got, ref,
+                               scaled_error(ref, oracle))
+            yield f"{name} {fmt} T={t}", run
+
+
 def _sample_result(c: OpContext, case: str, ok: bool, detail: str) -> CaseResult:
     return CaseResult("sample", case, "float32", c.sources.get("sample", "?"), "pass" if ok else "fail",
                       None, None, detail)
@@ -432,5 +457,6 @@ CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "mla_attention": check_mla_attention,
     "moe_experts": check_moe_experts,
     "linear": check_linear,
+    "quant_linear": check_quant_linear,
     "sample": check_sample,
 }

@@ -89,6 +89,10 @@ def make_tiny(name: str, path: Path, seed: int) -> Path:
     """Write tiny random checkpoint `name` (a TINY_MODELS key) into `path`."""
     torch.manual_seed(seed)
     model = TINY_MODELS[name][1]().eval()
+    with torch.no_grad():  # norm weights start at 1, which would hide a norm that ignores its weight
+        for pname, param in model.named_parameters():
+            if "norm" in pname and param.dim() == 1:
+                param.uniform_(0.5, 1.5)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path)
