@@ -74,6 +74,7 @@ def add_bench_latency_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-prompt-len", type=int, default=16)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="do not compile the decode step")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_run)
 
@@ -84,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
 
     opts = engine_options(args)
     opts["enable_prefix_caching"] = False
+    opts["enforce_eager"] = args.enforce_eager
+    opts["max_num_seqs"] = 1  # batch 1: only the batch-1 decode graph is compiled
     llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
     res = measure_latency(llm.engine, args.input_len, args.output_len, args.runs, args.decode_prompt_len, args.seed)
     res["engine"] = "shoal"

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +49,14 @@ def kv_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "kv_cache_spec") and hasattr(m, "bind_kv_cache")]
 
 
+def _own_code(method: Any) -> Any:
+    """A copy of a bound method with its own code object. Dynamo keeps one cache per code object;
+    with module guards skipped, two runners in one process must not share compiled graphs."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)
+
+
 @dataclass(slots=True)
 class StepResult:
     sampled: dict[str, int]  # request id → new token
@@ -65,6 +76,8 @@ class ModelRunner:
         self.model = self._build_model(source, progress)
         self.num_blocks, self.kv_bytes_per_block = self._allocate_kv_cache()
         self.generators: dict[str, torch.Generator] = {}
+        self._compiled_decode: dict[str, Any] | None = None
+        self.warm_up(progress)
 
     # ------------------------------------------------------------------ start-up
     def _build_model(self, source: ModelSource, progress: bool) -> nn.Module:
@@ -128,6 +141,83 @@ class ModelRunner:
         self.kv_bytes_per_token = per_token
         return num_blocks, per_block
 
+    # ------------------------------------------------------------------ warm-up, compiled decode
+    def _dummy_batch(self, num_seqs: int, tokens_each: int) -> ForwardBatch:
+        """A batch over cache slot 0.. (blocks a later request overwrites before reading them)."""
+        bs, dev = self.block_size, self.device
+        t = num_seqs * tokens_each
+        nblocks = max(2, -(-tokens_each // bs))
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens_each, device=dev).repeat(num_seqs),
+            query_start_loc=torch.arange(num_seqs + 1, device=dev) * tokens_each,
+            seq_lens=torch.full((num_seqs,), tokens_each, dtype=torch.long, device=dev),
+            block_tables=torch.arange(nblocks, device=dev).repeat(num_seqs, 1),
+            query_lens_cpu=[tokens_each] * num_seqs, seq_lens_cpu=[tokens_each] * num_seqs, block_size=bs,
+            max_query_len=tokens_each, max_seq_len=tokens_each,
+        )
+        return ForwardBatch(
+            input_ids=torch.zeros(t, dtype=torch.long, device=dev),
+            positions=torch.arange(tokens_each, device=dev).repeat(num_seqs),
+            attn=meta,
+            logits_indices=torch.arange(num_seqs, device=dev) * tokens_each + tokens_each - 1,
+        )
+
+    def _logits(self, fb: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(fb).index_select(0, fb.logits_indices))
+
+    @torch.inference_mode()
+    def warm_up(self, progress: bool = True) -> None:
+        """Run a prefill and a decode step eagerly (platform ops pack or cache their weights on first
+        use), then — unless `enforce_eager` — compile the decode step for each batch-size bucket.
+
+        Decode buckets: batch 1 (static shapes, C++ wrapper: the least per-step overhead), 2..8 and
+        9..max_num_seqs (batch size symbolic; the split follows the CPU quantized matmul's
+        packed/dense switch). The context length is symbolic in every bucket, so recompiles stay
+        bounded at three graphs. Compiled graphs are cached on disk by inductor, so later start-ups
+        are quicker than the first."""
+        if self.num_blocks * self.block_size < 64:
+            return
+        self._logits(self._dummy_batch(1, 32))
+        self._logits(self._dummy_batch(1, 1))
+        if self.cfg.enforce_eager:
+            return
+        buckets = [b for b in (1, 2, 9) if b <= self.cfg.scheduler.max_num_seqs]
+        try:
+            import torch._inductor.config as inductor_config
+
+            # round where eager rounds (bf16 intermediates), so compiled greedy decoding follows eager
+            inductor_config.emulate_precision_casts = True
+            # decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel (the
+            # matmuls, extern calls, still use every thread); parameters never change after warm-up,
+            # so their guards are skipped (the lookup cost ~0.8 ms a step)
+            opts: dict[str, Any] = {"cpp.threads": 1}
+            if os.environ.get("SHOAL_GUARDS") != "all":
+                opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            single = opts | ({} if os.environ.get("SHOAL_PY_WRAPPER") else {"cpp_wrapper": True})
+            self._compiled_decode = {
+                "single": torch.compile(_own_code(self._logits), dynamic=False, options=single),
+                "batched": torch.compile(_own_code(self._logits), dynamic=False, options=opts),
+            }
+            for i, b in enumerate(buckets):
+                msg = f"compiling the decode step: batch {b} ({i + 1}/{len(buckets)})"
+                log.info(msg)
+                if progress and sys.stderr.isatty():
+                    print(f"shoal: {msg}…", file=sys.stderr, flush=True)
+                self._run_compiled(self._dummy_batch(b, 1))
+        except Exception as exc:  # noqa: BLE001 — a model/backend the compiler cannot take runs eagerly
+            log.warning("compiled decode unavailable (%s: %s); running eagerly", type(exc).__name__, exc)
+            self._compiled_decode = None
+
+    def _run_compiled(self, fb: ForwardBatch) -> torch.Tensor:
+        mark = torch._dynamo.maybe_mark_dynamic
+        mark(fb.attn.block_tables, 1)
+        if fb.num_tokens == 1:
+            return self._compiled_decode["single"](fb)  # type: ignore[index]
+        for t in (fb.input_ids, fb.positions, fb.attn.slot_mapping, fb.attn.seq_lens, fb.attn.block_tables,
+                  fb.logits_indices, fb.attn.query_start_loc):
+            mark(t, 0)
+        return self._compiled_decode["batched"](fb)  # type: ignore[index]
+
     # ------------------------------------------------------------------ one step
     def _prepare(self, out: SchedulerOutput) -> ForwardBatch:
         bs = self.block_size
@@ -152,7 +242,7 @@ class ModelRunner:
             tables.append(blocks)
             if s.samples:
                 logits_idx.append(len(ids) - 1)
-        width = max(len(t) for t in tables)
+        width = max(2, max(len(t) for t in tables))  # ≥ 2: a width-1 table would be its own graph
         dev = self.device
         table = torch.zeros((len(tables), width), dtype=torch.long)
         for i, t in enumerate(tables):
@@ -195,8 +285,10 @@ class ModelRunner:
     def forward_logits(self, out: SchedulerOutput) -> tuple[list, torch.Tensor | None]:
         """Run the model on one scheduled batch; logits [S, V] for the requests that sample."""
         fb = self._prepare(out)
-        hidden = self.model(fb)
         sampling = [s.request for s in out.scheduled if s.samples]
+        if self._compiled_decode is not None and fb.attn.decode_only and len(sampling) == fb.num_tokens:
+            return sampling, self._run_compiled(fb)
+        hidden = self.model(fb)
         if not sampling:
             return sampling, None
         return sampling, self.model.compute_logits(hidden.index_select(0, fb.logits_indices))

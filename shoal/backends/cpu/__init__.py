@@ -77,14 +77,40 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     return y if bias is None else y + bias
 
 
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                       scale: float) -> torch.Tensor:
+    """Per request, as the native form, but in the shapes SDPA's fused CPU (flash) kernel takes."""
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    outs = []
+    start = 0
+    for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        nblocks = -(-length // meta.block_size)
+        blocks = meta.block_tables[i, :nblocks]
+        k = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+        if hq != hkv:
+            k, v = k.repeat_interleave(hq // hkv, dim=0), v.repeat_interleave(hq // hkv, dim=0)
+        qi = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
+        # 4-d inputs: with 3-d ones SDPA takes its math path (~10x slower)
+        if n == length:
+            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], is_causal=True, scale=scale)
+        else:
+            mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """Decode: gather each request's blocks with one `index_select` (a row copy; the native form's
     advanced indexing is ~2x slower here) over the whole block table, mask by `seq_lens`, and run
     SDPA. Reads no host-side lengths, so a compiled decode step does not specialise on them.
-    Prefill and mixed batches use the native form."""
+    Prefill and mixed batches: per request, 4-d and with KV heads repeated so SDPA takes its fused
+    (flash) kernel, not its math fallback."""
     if not meta.decode_only:
-        return native.paged_attention(q, k_cache, v_cache, meta, scale)
+        return _prefill_attention(q, k_cache, v_cache, meta, scale)
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     tables = meta.block_tables
