@@ -81,7 +81,8 @@ def markdown(summary: dict) -> str:
     lines = [
         f"Measured {summary['date']} on {summary['machine'].get('cpu', '?')}, {summary['machine']['cores']} cores, "
         f"{summary['threads']} threads, default model (SmolLM2-135M-Instruct Q4_1 GGUF); medians of "
-        f"{summary['runs']} runs × {summary['rounds']} alternating rounds; load average per engine in the last column.",
+        f"{summary['runs']} runs × {summary['rounds']} alternating rounds; "
+        "load average per engine in the last column.",
         "",
         "| engine | prefill 512 (tok/s) | decode b=1 (tok/s) | throughput `" + summary["recipe"] + "` (out tok/s) "
         "| decode vs llama.cpp | prefill vs llama.cpp | throughput vs llama.cpp | load avg |",
@@ -100,7 +101,8 @@ def markdown(summary: dict) -> str:
     m = summary.get("membw") or {}
     if "read_bandwidth_gb_s" in m:
         lines += ["", f"Memory read bandwidth {m['read_bandwidth_gb_s']:.1f} GB/s → batch-1 decode speed of light "
-                      f"{m['speed_of_light_gguf_tok_s']:.0f} tok/s for the GGUF's {m['gguf_weight_bytes'] / 1e6:.1f} MB "
+                      f"{m['speed_of_light_gguf_tok_s']:.0f} tok/s for the GGUF's "
+                      f"{m['gguf_weight_bytes'] / 1e6:.1f} MB "
                       f"({m['speed_of_light_shoal_tok_s']:.0f} tok/s for shoal's packed "
                       f"{m['shoal_decode_bytes'] / 1e6:.1f} MB)."]
     return "\n".join(lines) + "\n"
@@ -128,7 +130,8 @@ def main() -> int:
         for name in order:
             py, script = ENGINES[name]
             if not py.exists():
-                summary["raw"].setdefault(name, []).append({"error": f"not set up ({py} missing; see benchmarks/peers/)"})
+                missing = {"error": f"not set up ({py} missing; see benchmarks/peers/)"}
+                summary["raw"].setdefault(name, []).append(missing)
                 continue
             print(f"round {rnd + 1}: {name} (load {loadavg():.2f}) …", flush=True)
             res = run(py, script, ["--runs", str(a.runs), "--recipe", a.recipe], a.timeout)

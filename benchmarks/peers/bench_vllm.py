@@ -21,7 +21,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="ci")
     a = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{THREADS - 1}")
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -47,7 +47,8 @@ def main() -> int:
 
     emit({"engine": "vLLM CPU", "prefill_tok_s": median(prefill), "decode_tok_s": median(decode),
           "throughput_tok_s": median(tput), "prefill_runs": prefill, "decode_runs": decode, "throughput_runs": tput,
-          "config": f"vllm-cpu {vllm.__version__}, bf16, VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}"})
+          "config": f"vllm-cpu {vllm.__version__}, bf16, "
+                    f"VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}"})
     return 0
 
 

@@ -182,21 +182,26 @@ class ModelRunner:
         if self.cfg.enforce_eager:
             return
         buckets = [b for b in (1, 2, 9) if b <= self.cfg.scheduler.max_num_seqs]
+        if os.environ.get("SHOAL_COMPILE_BATCHED") == "0":  # batch 1 only (quicker start-up)
+            buckets = [1]
         try:
             import torch._inductor.config as inductor_config
 
             # round where eager rounds (bf16 intermediates), so compiled greedy decoding follows eager
             inductor_config.emulate_precision_casts = True
-            # decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel (the
-            # matmuls, extern calls, still use every thread); parameters never change after warm-up,
-            # so their guards are skipped (the lookup cost ~0.8 ms a step)
-            opts: dict[str, Any] = {"cpp.threads": 1}
+            # batch-1 decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel
+            # (the matmuls, extern calls, still use every thread); parameters never change after
+            # warm-up, so their guards are skipped (the lookup cost ~0.8 ms a step)
+            opts: dict[str, Any] = {}
             if os.environ.get("SHOAL_GUARDS") != "all":
                 opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            single = opts | ({} if os.environ.get("SHOAL_PY_WRAPPER") else {"cpp_wrapper": True})
+            single = opts | {"cpp.threads": 1}
+            if not os.environ.get("SHOAL_PY_WRAPPER"):
+                single["cpp_wrapper"] = True
             self._compiled_decode = {
-                "single": torch.compile(_own_code(self._logits), dynamic=False, options=single),
-                "batched": torch.compile(_own_code(self._logits), dynamic=False, options=opts),
+                # dynamic=None: honour maybe_mark_dynamic (dynamic=False would specialise every size)
+                "single": torch.compile(_own_code(self._logits), dynamic=None, options=single),
+                "batched": torch.compile(_own_code(self._logits), dynamic=None, options=opts),
             }
             for i, b in enumerate(buckets):
                 msg = f"compiling the decode step: batch {b} ({i + 1}/{len(buckets)})"
@@ -286,7 +291,8 @@ class ModelRunner:
         """Run the model on one scheduled batch; logits [S, V] for the requests that sample."""
         fb = self._prepare(out)
         sampling = [s.request for s in out.scheduled if s.samples]
-        if self._compiled_decode is not None and fb.attn.decode_only and len(sampling) == fb.num_tokens:
+        if (self._compiled_decode is not None and fb.attn.decode_only and len(sampling) == fb.num_tokens
+                and (fb.num_tokens == 1 or os.environ.get("SHOAL_COMPILE_BATCHED") != "0")):
             return sampling, self._run_compiled(fb)
         hidden = self.model(fb)
         if not sampling:

@@ -56,6 +56,19 @@ def _dense(qweight, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
     return w
 
 
+def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+    """x @ W^T on the dequantized weight. Eagerly, bf16 goes through a oneDNN-prepacked copy of the
+    weight (AMX layout; a plain weight is reordered on every call: 1.6x slower at 32 rows)."""
+    if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available():
+        key = ("cpu-mkldnn", x.dtype)
+        pw = qweight.kernel_cache.get(key)
+        if pw is None:
+            pw = qweight.kernel_cache[key] = torch.ops.mkldnn._reorder_linear_weight(_dense(qweight, x.dtype), 32)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), pw, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, _dense(qweight, x.dtype), bias)
+
+
 def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
     """Weight-only quantized matmul: torch's packed CPU kernels (`_weight_int8pack_mm`,
     `_weight_int4pack_mm_for_cpu`, fast with bf16 activations on AVX512-BF16) for decode-sized
@@ -64,10 +77,10 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return native.quant_linear(x, qweight, bias)
     if x2.shape[0] > PACKED_MAX_ROWS:
-        return F.linear(x, _dense(qweight, x.dtype), bias)
+        return _dense_linear(x, qweight, bias)
     kern = _packed(qweight, x.dtype)
     if kern is None:
-        return F.linear(x, _dense(qweight, x.dtype), bias)
+        return _dense_linear(x, qweight, bias)
     x2 = x2.contiguous()
     if kern[0] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, kern[1], kern[2])
