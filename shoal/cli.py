@@ -30,6 +30,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile) at start-up: faster decode, slower start")
 
 
 def parse_size(text: str | None) -> int | None:
@@ -59,6 +61,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory=parse_size(args.kv_cache_memory),
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=not getattr(args, "compile", False),
     )
 
 
