@@ -6,6 +6,7 @@ prefix cache shares its blocks); the engine reassembles them into one `RequestOu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -320,14 +321,10 @@ class LLMEngine:
 
 
 def _child_params(p: SamplingParams, i: int) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + i)
 
 
 def _with_max_tokens(p: SamplingParams, max_tokens: int) -> SamplingParams:
-    import dataclasses
-
     if p.max_tokens == max_tokens:
         return p
     return dataclasses.replace(p, max_tokens=max_tokens, min_tokens=min(p.min_tokens, max_tokens))

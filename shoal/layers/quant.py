@@ -264,16 +264,12 @@ def load_gguf_packed(model: nn.Module, raw: Iterable[tuple[str, Any]], stacked_p
 
     from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from shoal.layers.linear import LinearBase
+    from shoal.layers.weight_names import route
 
     pending: dict[str, dict[Any, QuantizedWeight]] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, t in raw:
-        target, shard = name, None
-        for fused, part, shard_id in stacked_params:
-            if f".{part}." in name:
-                target, shard = name.replace(f".{part}.", f".{fused}."), shard_id
-                break
-        mod_name, _, leaf = target.rpartition(".")
+        target, shard, mod_name, leaf = route(name, stacked_params)
         try:
             module = model.get_submodule(mod_name)
         except AttributeError:

@@ -12,6 +12,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from shoal.layers.weight_names import route
+
 
 class WeightLoadError(ValueError):
     pass
@@ -24,17 +26,11 @@ def load_named_weights(
     skip: tuple[str, ...] = (),
 ) -> set[str]:
     """Load every tensor; return the set of model parameter names that received data."""
-    params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
         if any(s in name for s in skip):
             continue
-        target, shard = name, None
-        for fused, part, shard_id in stacked_params:
-            if f".{part}." in name:
-                target, shard = name.replace(f".{part}.", f".{fused}."), shard_id
-                break
-        mod_name, _, leaf = target.rpartition(".")
+        target, shard, mod_name, leaf = route(name, stacked_params)
         try:
             module = model.get_submodule(mod_name)
         except AttributeError:
