@@ -16,13 +16,11 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from .chips import Catalog
-from .cost import Unpredictable
-from .validate import predict_row, row_error
+from .validate import log_loss as _loss
 
 SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6)
 
@@ -59,19 +57,6 @@ def records_to_rows(records: list[dict[str, Any]]) -> list[dict[str, str]]:
                          "conc": str(r["num_prompts"]), "metric": "total_tok_s_per_dev",
                          "value": str(float(tot) / int(r.get("n_dev", 1)))})
     return rows
-
-
-def _loss(rows: list[dict[str, str]], cat: Catalog) -> tuple[float, int]:
-    tot, n = 0.0, 0
-    for row in rows:
-        try:
-            pred, _ = predict_row(row, cat)
-        except Unpredictable:
-            continue
-        r = 1.0 + row_error(row["metric"], pred, float(row["value"]))
-        tot += abs(math.log(max(r, 1e-9)))
-        n += 1
-    return (tot / n if n else float("inf")), n
 
 
 def calibrate(records: list[dict[str, Any]], cat: Catalog) -> dict[str, Any]:

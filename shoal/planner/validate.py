@@ -253,7 +253,8 @@ def validate(rows: list[dict[str, str]], cat: Catalog, fit_rows: Iterable[str] =
 
 
 # ---------------------------------------------------------------------- fitting the global knobs
-def _loss(rows: list[dict[str, str]], cat: Catalog) -> float:
+def log_loss(rows: list[dict[str, str]], cat: Catalog) -> tuple[float, int]:
+    """Mean |log(predicted/published)| over the predictable rows, and how many there were."""
     tot, n = 0.0, 0
     for row in rows:
         try:
@@ -264,7 +265,11 @@ def _loss(rows: list[dict[str, str]], cat: Catalog) -> float:
         r = 1.0 + row_error(row["metric"].strip(), pred, pub)
         tot += abs(math.log(max(r, 1e-6)))
         n += 1
-    return tot / n if n else float("inf")
+    return (tot / n if n else float("inf")), n
+
+
+def _loss(rows: list[dict[str, str]], cat: Catalog) -> float:
+    return log_loss(rows, cat)[0]
 
 
 def fit_globals(rows: list[dict[str, str]], cat: Catalog, rounds: int = 3,
