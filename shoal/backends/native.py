@@ -47,6 +47,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [..., 2I] gate+up projection: silu(gate) * up → [..., I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """Write values [T, ...] into cache [num_blocks, block_size, ...] at flat slots [T]."""
     flat = cache.view(-1, *cache.shape[2:])
@@ -202,13 +208,14 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
 # Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
-    "rms_norm", "rotary", "store_kv", "paged_attention", "mla_attention", "moe_experts",
+    "rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
     "linear", "quant_linear", "sample",
 )
 
 NATIVE_OPS = {
     "rms_norm": rms_norm,
     "rotary": rotary,
+    "silu_and_mul": silu_and_mul,
     "store_kv": store_kv,
     "paged_attention": paged_attention,
     "mla_attention": mla_attention,

@@ -189,6 +189,10 @@ class ModelRunner:
 
             # round where eager rounds (bf16 intermediates), so compiled greedy decoding follows eager
             inductor_config.emulate_precision_casts = True
+            # weights become graph constants, so dense bf16 matmuls get oneDNN's prepacked
+            # (AMX-blocked) weights instead of a reorder on every call (a global setting: per-compile
+            # options do not reach the freezing pass)
+            inductor_config.freezing = os.environ.get("SHOAL_FREEZE", "1") == "1"
             # batch-1 decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel
             # (the matmuls, extern calls, still use every thread); parameters never change after
             # warm-up, so their guards are skipped (the lookup cost ~0.8 ms a step)

@@ -1,11 +1,11 @@
-"""SwiGLU: silu(gate) * up on a fused [.., 2I] projection."""
+"""SwiGLU: silu(gate) * up on a fused [.., 2I] projection (the platform op `silu_and_mul`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from shoal.backends import ops
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return ops.silu_and_mul(x)

@@ -235,6 +235,20 @@ def check_rotary(c: OpContext) -> Iterator[tuple[str, Thunk]]:
         yield name, run
 
 
+def check_silu_and_mul(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    cases = [("smollm2 mlp", 1536), ("deepseek-v3-tiny expert", 64), ("odd width", 37)]
+    for name, inter in cases:
+        for t in (1, 29):
+            def run(inter: int = inter, t: int = t, name: str = name) -> CaseResult:
+                x = c.rounded(c.randn(t, 2 * inter, scale=3.0))
+                ref = NATIVE_OPS["silu_and_mul"](x)
+                got = c.op("silu_and_mul")(c.dev(x))
+                g, u = x[:, :inter], x[:, inter:]
+                oracle = g / (1 + torch.exp(-g)) * u
+                return c.judge("silu_and_mul", f"{name} [T={t}, 2x{inter}]", got, ref, scaled_error(ref, oracle))
+            yield f"{name} T={t}", run
+
+
 def check_store_kv(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     for name, per_token in [("smollm2 k cache", (3, 64)), ("deepseek-v3-tiny latent cache", (40,))]:
         def run(per_token: tuple[int, ...] = per_token, name: str = name) -> CaseResult:
@@ -452,6 +466,7 @@ def check_sample(c: OpContext) -> Iterator[tuple[str, Thunk]]:
 CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "rms_norm": check_rms_norm,
     "rotary": check_rotary,
+    "silu_and_mul": check_silu_and_mul,
     "store_kv": check_store_kv,
     "paged_attention": check_paged_attention,
     "mla_attention": check_mla_attention,

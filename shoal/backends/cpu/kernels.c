@@ -1,0 +1,383 @@
+/* shoal's CPU kernels, compiled on first use (gcc/cc -O3 -march=native -fopenmp) and called through
+ * ctypes with raw pointers; see shoal/backends/cpu/kernels.py. Plain C with AVX-512 where the
+ * compiler targets it and a scalar path otherwise. The OpenMP runtime is the one torch already
+ * loaded (same soname), so the threads are torch's.
+ *
+ * paged_decode_attention: one new query token per sequence against its paged K/V cache, read in
+ * place through the block table (no gathered copy). Work item = (sequence, KV head): the G query
+ * heads sharing that KV head are scored together, so each K/V row is read once. Two passes per
+ * item: scores for every cached token (fp32, softmax with the max subtracted), then the weighted
+ * sum of V rows. Accumulation in fp32, bf16 rounded to nearest even on output.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#ifdef __AVX512F__
+static inline __m512 load16(const void *src, int64_t idx, int is_bf16) {
+    if (is_bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + idx));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)src + idx);
+}
+
+/* e^x for x ≤ 0 (softmax arguments): 2^(x·log2 e) split into integer and fraction, a degree-6
+ * polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7), scaled back with vscalefps */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6180369e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503406e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* s[t] = exp(s[t] - max) over s[0..n); returns 1 / Σ s (the normalisation is applied to the output) */
+static float softmax_unnormalised(float *s, int64_t n) {
+    float m = -INFINITY, sum = 0.f;
+    int64_t t = 0;
+#ifdef __AVX512F__
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (; t + 16 <= n; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
+    m = _mm512_reduce_max_ps(vm);
+#endif
+    for (; t < n; t++) m = s[t] > m ? s[t] : m;
+    t = 0;
+#ifdef __AVX512F__
+    vm = _mm512_set1_ps(m);
+    __m512 vs = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), vm));
+        _mm512_storeu_ps(s + t, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    sum = _mm512_reduce_add_ps(vs);
+#endif
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - m);
+        sum += s[t];
+    }
+    return sum > 0.f ? 1.f / sum : 0.f;
+}
+
+/* prefetch the rows of KV head h in the next block of this sequence (cache reads are scattered
+ * block by block, so the hardware prefetcher loses the stream at every block boundary) */
+static inline void prefetch_block(const void *cache, const int64_t *tab, int64_t blk, int64_t nblk, int BS, int HKV,
+                                  int h, int D, int elem) {
+#ifdef __AVX512F__
+    if (blk >= nblk) return;
+    const char *p = (const char *)cache + ((tab[blk] * BS * HKV + h) * D) * (int64_t)elem;
+    const int64_t stride = (int64_t)HKV * D * elem, row = (int64_t)D * elem;
+    for (int j = 0; j < BS; j++)
+        for (int64_t o = 0; o < row; o += 64) _mm_prefetch(p + j * stride + o, _MM_HINT_T0);
+#endif
+}
+
+#define GMAX 8 /* query heads per KV head scored together (register accumulators); more loop in groups */
+
+/* scores sc[g][t] = scale · q_g · k_t for the query heads g0..g0+gn of KV head h */
+static inline __attribute__((always_inline)) void scores(const float *qf, const void *k_cache, const int64_t *tab, int64_t len, int BS, int HKV, int h,
+                   int D, int gn, float scale, int is_bf16, float *sc, int64_t ld) {
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+        /* block by block: no division per token (a 64-bit divide costs more than the dot) */
+        const int64_t base = tab[blk] * BS, n = len - t0 < BS ? len - t0 : BS;
+        prefetch_block(k_cache, tab, blk + 1, (len + BS - 1) / BS, BS, HKV, h, D, is_bf16 ? 2 : 4);
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t row = ((base + j) * HKV + h) * D;
+#ifdef __AVX512F__
+            if (D % 16 == 0) {
+                __m512 acc[GMAX];
+                for (int g = 0; g < gn; g++) acc[g] = _mm512_setzero_ps();
+                for (int c = 0; c < D; c += 16) {
+                    __m512 k = load16(k_cache, row + c, is_bf16);
+                    for (int g = 0; g < gn; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + c), k, acc[g]);
+                }
+                for (int g = 0; g < gn; g++) sc[g * ld + t0 + j] = _mm512_reduce_add_ps(acc[g]) * scale;
+                continue;
+            }
+#endif
+            for (int g = 0; g < gn; g++) {
+                float a = 0.f;
+                for (int c = 0; c < D; c++)
+                    a += qf[g * D + c] * (is_bf16 ? bf16_to_f32(((const uint16_t *)k_cache)[row + c])
+                                                  : ((const float *)k_cache)[row + c]);
+                sc[g * ld + t0 + j] = a * scale;
+            }
+        }
+    }
+}
+
+/* acc[g][0..DV) = Σ_t p[g][t] · v_t for the query heads g0..g0+gn of KV head h */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, const void *v_cache, const int64_t *tab, int64_t len, int BS, int HKV, int h,
+                         int DV, int gn, int is_bf16, float *acc, int64_t ld) {
+#ifdef __AVX512F__
+    if (DV % 16 == 0) {
+        for (int c = 0; c < DV; c += 16) { /* 16 output columns at a time, G accumulators in registers */
+            __m512 a[GMAX];
+            for (int g = 0; g < gn; g++) a[g] = _mm512_setzero_ps();
+            for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+                const int64_t base = tab[blk] * BS, n = len - t0 < BS ? len - t0 : BS;
+                if (c == 0) prefetch_block(v_cache, tab, blk + 1, (len + BS - 1) / BS, BS, HKV, h, DV, is_bf16 ? 2 : 4);
+                for (int64_t j = 0; j < n; j++) {
+                    __m512 v = load16(v_cache, ((base + j) * HKV + h) * DV + c, is_bf16);
+                    for (int g = 0; g < gn; g++) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * ld + t0 + j]), v, a[g]);
+                }
+            }
+            for (int g = 0; g < gn; g++) _mm512_storeu_ps(acc + g * DV + c, a[g]);
+        }
+        return;
+    }
+#endif
+    memset(acc, 0, sizeof(float) * (size_t)gn * DV);
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+        const int64_t base = tab[blk] * BS, n = len - t0 < BS ? len - t0 : BS;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t row = ((base + j) * HKV + h) * DV;
+            for (int g = 0; g < gn; g++) {
+                const float w = p[g * ld + t0 + j];
+                for (int c = 0; c < DV; c++)
+                    acc[g * DV + c] += w * (is_bf16 ? bf16_to_f32(((const uint16_t *)v_cache)[row + c])
+                                                    : ((const float *)v_cache)[row + c]);
+            }
+        }
+    }
+}
+
+/* q [B, HQ, D]; k_cache [NB, BS, HKV, D]; v_cache [NB, BS, HKV, DV]; tables [B, W] int64;
+ * seq_lens [B] int64; out [B, HQ, DV]. All contiguous, same dtype (bf16 when is_bf16, else fp32).
+ * Returns 0, or -1 when a scratch allocation failed (the caller falls back). */
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
+                           const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS,
+                           int W, float scale, int is_bf16, int nthreads) {
+    const int G = HQ / HKV;
+    const int GB = G < GMAX ? G : GMAX;
+    int64_t max_len = 1;
+    for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: GB query rows, GB×DV accumulators, GB×max_len scores */
+        float *qf = malloc(sizeof(float) * ((size_t)GB * D + (size_t)GB * DV + (size_t)GB * (size_t)max_len));
+        if (!qf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *acc = qf + (size_t)GB * D;
+            float *sc = acc + (size_t)GB * DV;
+#pragma omp for schedule(static)
+            for (int item = 0; item < B * HKV; item++) {
+                const int b = item / HKV, h = item % HKV;
+                const int64_t len = seq_lens[b];
+                const int64_t *tab = tables + (int64_t)b * W;
+                for (int g0 = 0; g0 < G; g0 += GB) {
+                    const int gn = G - g0 < GB ? G - g0 : GB;
+                    for (int g = 0; g < gn; g++) {
+                        const int64_t src = ((int64_t)b * HQ + h * G + g0 + g) * D;
+                        for (int c = 0; c < D; c++)
+                            qf[g * D + c] = is_bf16 ? bf16_to_f32(((const uint16_t *)q)[src + c]) : ((const float *)q)[src + c];
+                    }
+                    /* a literal head count per case: the compiler unrolls the g loops and keeps the
+                     * accumulators in registers */
+#define SHOAL_CASE(N) \
+    case N: scores(qf, k_cache, tab, len, BS, HKV, h, D, N, scale, is_bf16, sc, len); break;
+                    switch (gn) {
+                        SHOAL_CASE(1) SHOAL_CASE(2) SHOAL_CASE(3) SHOAL_CASE(4)
+                        SHOAL_CASE(5) SHOAL_CASE(6) SHOAL_CASE(7) SHOAL_CASE(8)
+                    }
+#undef SHOAL_CASE
+                    float inv[GMAX];
+                    for (int g = 0; g < gn; g++) inv[g] = softmax_unnormalised(sc + (size_t)g * len, len);
+#define SHOAL_CASE(N) \
+    case N: weighted_sum(sc, v_cache, tab, len, BS, HKV, h, DV, N, is_bf16, acc, len); break;
+                    switch (gn) {
+                        SHOAL_CASE(1) SHOAL_CASE(2) SHOAL_CASE(3) SHOAL_CASE(4)
+                        SHOAL_CASE(5) SHOAL_CASE(6) SHOAL_CASE(7) SHOAL_CASE(8)
+                    }
+#undef SHOAL_CASE
+                    for (int g = 0; g < gn; g++)
+                        for (int i = 0; i < DV; i++) acc[(size_t)g * DV + i] *= inv[g];
+                    for (int g = 0; g < gn; g++) {
+                        const int64_t o = ((int64_t)b * HQ + h * G + g0 + g) * DV;
+                        if (is_bf16) {
+                            uint16_t *dst = (uint16_t *)out + o;
+                            for (int i = 0; i < DV; i++) dst[i] = f32_to_bf16(acc[(size_t)g * DV + i]);
+                        } else {
+                            memcpy((float *)out + o, acc + (size_t)g * DV, sizeof(float) * (size_t)DV);
+                        }
+                    }
+                }
+            }
+        }
+        free(qf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Elementwise ops for eager steps, where torch runs each of their pieces as a separate pass over
+ * memory (RMSNorm is five ops, rotary seven); same rounding as the plain-torch forms.
+ */
+#ifdef __AVX512F__
+static inline void store16(void *dst, int64_t idx, __m512 v, int is_bf16) {
+    if (is_bf16) {
+#ifdef __AVX512BF16__
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + idx), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+        float tmp[16];
+        _mm512_storeu_ps(tmp, v);
+        for (int i = 0; i < 16; i++) ((uint16_t *)dst)[idx + i] = f32_to_bf16(tmp[i]);
+#endif
+    } else {
+        _mm512_storeu_ps((float *)dst + idx, v);
+    }
+}
+
+/* x rounded to bf16 and back (what a torch bf16 op does to each result) */
+static inline __m512 round_bf16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    u = _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_castsi512_ps(u); /* (finite inputs: activations here never hold NaN/Inf) */
+}
+#endif
+
+static inline float ld(const void *p, int64_t i, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void st(void *p, int64_t i, float v, int is_bf16) {
+    if (is_bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+static inline float rb(float v, int is_bf16) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* out[n, :] = x[n, :] / sqrt(mean(x[n, :]^2) + eps) * w, in fp32, rounded once.
+ * x rows `ldx` elements apart; out contiguous [N, H]; w [H] (w_bf16: bf16, else fp32). */
+void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, int H, float eps, int is_bf16,
+              int w_bf16, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (N > 8)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t xi = n * ldx, oi = n * H;
+        float ss = 0.f;
+        int c = 0;
+#ifdef __AVX512F__
+        __m512 acc = _mm512_setzero_ps();
+        for (; c + 16 <= H; c += 16) {
+            __m512 v = load16(x, xi + c, is_bf16);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#endif
+        for (; c < H; c++) {
+            const float v = ld(x, xi + c, is_bf16);
+            ss += v * v;
+        }
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        c = 0;
+#ifdef __AVX512F__
+        const __m512 vr = _mm512_set1_ps(r);
+        for (; c + 16 <= H; c += 16)
+            store16(out, oi + c, _mm512_mul_ps(_mm512_mul_ps(load16(x, xi + c, is_bf16), vr), load16(w, c, w_bf16)), is_bf16);
+#endif
+        for (; c < H; c++) st(out, oi + c, ld(x, xi + c, is_bf16) * r * ld(w, c, w_bf16), is_bf16);
+    }
+}
+
+/* Rotary embedding. x [T, NH, R] with strides (sT, sH) in elements and the last dim contiguous;
+ * cos/sin fp32 [T, R/2]; out contiguous [T, NH, R]. Pairs (i, i + R/2), or (2i, 2i + 1) when
+ * interleaved. bf16 follows torch's bf16 ops step by step: cos/sin rounded to bf16, every product
+ * and sum rounded to bf16. */
+void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const float *sinv, void *out, int64_t T, int NH,
+            int R, int interleaved, int is_bf16, int nthreads) {
+    const int half = R / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T > 8)
+    for (int64_t t = 0; t < T; t++) {
+        const float *ct = cosv + t * half, *stn = sinv + t * half;
+        for (int h = 0; h < NH; h++) {
+            const int64_t xi = t * sT + h * sH, oi = (t * NH + h) * (int64_t)R;
+            int i = 0;
+#ifdef __AVX512F__
+            if (!interleaved) {
+                for (; i + 16 <= half; i += 16) {
+                    __m512 c = _mm512_loadu_ps(ct + i), s = _mm512_loadu_ps(stn + i);
+                    __m512 x1 = load16(x, xi + i, is_bf16), x2 = load16(x, xi + half + i, is_bf16);
+                    __m512 o1, o2;
+                    if (is_bf16) {
+                        c = round_bf16(c);
+                        s = round_bf16(s);
+                        o1 = _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, c)), round_bf16(_mm512_mul_ps(x2, s)));
+                        o2 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c)), round_bf16(_mm512_mul_ps(x1, s)));
+                    } else {
+                        o1 = _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, s));
+                        o2 = _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s));
+                    }
+                    store16(out, oi + i, o1, is_bf16);
+                    store16(out, oi + half + i, o2, is_bf16);
+                }
+            }
+#endif
+            for (; i < half; i++) {
+                const float c = rb(ct[i], is_bf16), s = rb(stn[i], is_bf16);
+                const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+                const float x1 = ld(x, xi + a, is_bf16), x2 = ld(x, xi + b, is_bf16);
+                st(out, oi + a, rb(x1 * c, is_bf16) - rb(x2 * s, is_bf16), is_bf16);
+                st(out, oi + b, rb(x2 * c, is_bf16) + rb(x1 * s, is_bf16), is_bf16);
+            }
+        }
+    }
+}
+
+/* SwiGLU: out[n, i] = silu(x[n, i]) * x[n, I + i] for x [N, 2I] (rows `ldx` apart), out [N, I].
+ * As torch: silu in fp32 rounded to the dtype, then the product rounded. */
+void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int is_bf16, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (N > 8)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t xi = n * ldx, oi = n * (int64_t)I;
+        int i = 0;
+#ifdef __AVX512F__
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= I; i += 16) {
+            __m512 g = load16(x, xi + i, is_bf16), u = load16(x, xi + I + i, is_bf16);
+            __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
+            __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            if (is_bf16) s = round_bf16(s);
+            store16(out, oi + i, _mm512_mul_ps(s, u), is_bf16);
+        }
+#endif
+        for (; i < I; i++) {
+            const float g = ld(x, xi + i, is_bf16);
+            st(out, oi + i, rb(g / (1.f + expf(-g)), is_bf16) * ld(x, xi + I + i, is_bf16), is_bf16);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+"""shoal's C kernels for the CPU platform (shoal/backends/cpu/kernels.c) against their plain-torch
+twins, on random inputs: decode attention over paged blocks (GQA/MHA, ragged lengths, scattered
+blocks, a head size off the vector width), RMSNorm, rotary and SwiGLU (strided inputs, bf16 and
+fp32), the custom op inside a compiled graph, and the fallback when no kernel library can be built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.backends import native
+from shoal.backends.cpu import kernels
+from shoal.executor.forward_batch import AttentionMetadata
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
+
+
+def _decode_case(b: int, hq: int, hkv: int, d: int, dv: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    bs, nb = 16, 64
+    lens = torch.randint(1, 90, (b,), generator=g)
+    lens[0] = 1  # a sequence with only its own token
+    width = int((lens.max() + bs - 1) // bs)
+    tables = torch.stack([torch.randperm(nb, generator=g)[:width] for _ in range(b)])  # scattered blocks
+    kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, hkv, dv, generator=g).to(dtype)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(b, dtype=torch.long), query_start_loc=torch.arange(b + 1), seq_lens=lens,
+        block_tables=tables, query_lens_cpu=[1] * b, seq_lens_cpu=lens.tolist(), block_size=bs, max_query_len=1,
+        max_seq_len=int(lens.max()),
+    )
+    return q, kc, vc, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,d,dv", [(5, 9, 3, 64, 64), (3, 4, 4, 64, 64), (4, 16, 1, 32, 32),
+                                           (2, 10, 1, 40, 24), (1, 3, 3, 64, 64)])
+def test_paged_decode_attention_matches_native(dtype, b, hq, hkv, d, dv):
+    q, kc, vc, meta = _decode_case(b, hq, hkv, d, dv, dtype, seed=b * 100 + hq)
+    scale = d**-0.5
+    got = torch.ops.shoal.paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, scale)
+    ref = native.paged_attention(q.double(), kc.double(), vc.double(), meta, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and got.shape == (b, hq, dv)
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
+def test_paged_decode_attention_in_a_compiled_graph():
+    q, kc, vc, meta = _decode_case(4, 9, 3, 64, 64, torch.float32, seed=7)
+
+    def f(q: torch.Tensor) -> torch.Tensor:
+        return torch.ops.shoal.paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, 0.125) * 2
+
+    eager = f(q)
+    compiled = torch.compile(f, fullgraph=True)(q)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+def _rot_inputs(t: int, heads: int, rot: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(t * 7 + heads)
+    fused = torch.randn(t, heads * rot + 40, generator=g).to(dtype)  # q as a strided view of a fused qkv
+    x = fused[:, : heads * rot].view(t, heads, rot)
+    ang = torch.randint(0, 4096, (t, 1), generator=g).float() * (1e4 ** (-torch.arange(0, rot, 2).float() / rot))
+    return x, ang.cos(), ang.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 37])
+def test_elementwise_kernels_match_native(dtype, t):
+    g = torch.Generator().manual_seed(t)
+    # RMSNorm on rows of a wider tensor (strided), widths on and off the vector width
+    for h in (576, 40):
+        x = (torch.randn(t, h + 24, generator=g) * 3).to(dtype)[:, :h]
+        w = (1 + 0.5 * torch.randn(h, generator=g)).to(dtype)
+        got, ref = kernels.rms_norm(x, w, 1e-5), native.rms_norm(x, w, 1e-5)
+        assert got is not None
+        torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    # rotary: same rounding as the torch form, so bf16 results are identical
+    for heads, rot, inter in ((9, 64, False), (3, 64, True), (2, 8, True), (4, 10, False)):
+        x, cos, sin = _rot_inputs(t, heads, rot, dtype)
+        got, ref = kernels.rotary(x, cos, sin, inter), native.rotary(x, cos, sin, inter)
+        assert got is not None
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    # SwiGLU (the kernel takes over above 8 rows)
+    for inter in (1536, 37):
+        x = (torch.randn(t, 2 * inter, generator=g) * 4).to(dtype)
+        got = kernels.silu_and_mul(x)
+        if t <= 8:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, native.silu_and_mul(x), atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_platform_runs_the_native_ops(monkeypatch):
+    from shoal.backends import cpu
+
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+    x = torch.randn(20, 128)
+    w = torch.randn(64)
+    assert kernels.rms_norm(x[:, :64], w, 1e-6) is None and kernels.silu_and_mul(x) is None
+    torch.testing.assert_close(cpu.rms_norm(x[:, :64], w, 1e-6), native.rms_norm(x[:, :64], w, 1e-6))
+    torch.testing.assert_close(cpu.silu_and_mul(x), native.silu_and_mul(x))
+    q, kc, vc, meta = _decode_case(3, 9, 3, 64, 64, torch.float32, seed=3)
+    assert not kernels.decode_attention_supported(q, kc, vc)
+    torch.testing.assert_close(cpu.paged_attention(q, kc, vc, meta, 0.125),
+                               native.paged_attention(q, kc, vc, meta, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_failure_is_reported_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("WARNING", logger="shoal"):
+        assert kernels._compile() is None
+    assert "CPU kernels are off" in caplog.text
