@@ -87,16 +87,17 @@ static float softmax_unnormalised(float *s, int64_t n) {
     return sum > 0.f ? 1.f / sum : 0.f;
 }
 
-/* prefetch the rows of KV head h in the next block of this sequence (cache reads are scattered
- * block by block, so the hardware prefetcher loses the stream at every block boundary) */
+/* prefetch the next block of this sequence, all KV heads, while working on head 0: the cache is
+ * read block by block in scattered places (the hardware prefetcher loses the stream at every
+ * block boundary), and one thread takes the heads of a sequence one after another, so heads 1..
+ * then find their rows in cache */
 static inline void prefetch_block(const void *cache, const int64_t *tab, int64_t blk, int64_t nblk, int BS, int HKV,
                                   int h, int D, int elem) {
 #ifdef __AVX512F__
-    if (blk >= nblk) return;
-    const char *p = (const char *)cache + ((tab[blk] * BS * HKV + h) * D) * (int64_t)elem;
-    const int64_t stride = (int64_t)HKV * D * elem, row = (int64_t)D * elem;
-    for (int j = 0; j < BS; j++)
-        for (int64_t o = 0; o < row; o += 64) _mm_prefetch(p + j * stride + o, _MM_HINT_T0);
+    if (blk >= nblk || h != 0) return;
+    const char *p = (const char *)cache + tab[blk] * BS * HKV * (int64_t)D * elem;
+    const int64_t bytes = (int64_t)BS * HKV * D * elem;
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 #endif
 }
 
