@@ -7,7 +7,7 @@
    prefill 512 / decode 128 and the throughput recipe, reporting medians of `--runs`; the table
    takes the median over rounds and the ratio to llama.cpp. The load average (`uptime`) is recorded
    before and after each process — numbers taken above ~1.5 on a 2-core machine are not comparable;
-3. the other benchmark scripts in this folder (planner sweep, MoE layer), if present.
+3. the other benchmark scripts in this folder (perplexity vs llama.cpp, planner sweep, MoE layer), if present.
 
 Peers that are not set up (benchmarks/peers/setup_*.sh) are reported as missing, not failed.
 """
@@ -36,7 +36,7 @@ ENGINES = {
     "transformers": (SHOAL_PY, HERE / "peers" / "bench_transformers.py"),
     "vllm": (VENVS / "vllm" / "bin" / "python", HERE / "peers" / "bench_vllm.py"),
 }
-OTHER_SCRIPTS = ["planner_sweep.py", "moe_layer.py"]
+OTHER_SCRIPTS = ["ppl.py", "planner_sweep.py", "moe_layer.py"]
 
 
 def loadavg() -> float:
