@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -65,29 +64,21 @@ def measure_latency(engine: Any, input_len: int = 512, output_len: int = 128, ru
 
 
 def add_bench_latency_parser(verbs: argparse._SubParsersAction) -> None:
-    from shoal.cli import _add_engine_args
+    from shoal.bench.cli import add_offline_args
 
     p = verbs.add_parser("latency", help="batch-1 prefill and decode tokens/s of the offline engine")
-    _add_engine_args(p)
+    add_offline_args(p, runs=5)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--decode-prompt-len", type=int, default=16)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", help="do not compile the decode step")
-    p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shoal.cli import engine_options
-    from shoal.engine.llm import LLM
+    from shoal.bench.cli import offline_llm
 
-    opts = engine_options(args)
-    opts["enable_prefix_caching"] = False
-    opts["enforce_eager"] = args.enforce_eager
-    opts["max_num_seqs"] = 1  # batch 1: only the batch-1 decode graph is compiled
-    llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
+    # batch 1: only the batch-1 decode graph is compiled
+    llm = offline_llm(args, enable_prefix_caching=False, max_num_seqs=1)
     res = measure_latency(llm.engine, args.input_len, args.output_len, args.runs, args.decode_prompt_len, args.seed)
     res["engine"] = "shoal"
     print(f"prefill {args.input_len} tokens: {res['prefill_tok_s']:.0f} tokens/s   "

@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -50,25 +49,18 @@ def run_throughput(llm: Any, prompts: list[list[int]], output_lens: list[int]) -
 
 
 def add_bench_throughput_parser(verbs: argparse._SubParsersAction) -> None:
-    from shoal.cli import _add_engine_args
+    from shoal.bench.cli import add_offline_args
 
     p = verbs.add_parser("throughput", help="offline batch throughput (output tokens/s)")
-    _add_engine_args(p)
+    add_offline_args(p, runs=3)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="nano")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", help="do not compile the decode step")
-    p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shoal.cli import engine_options
-    from shoal.engine.llm import LLM
+    from shoal.bench.cli import offline_llm
 
-    opts = engine_options(args)
-    opts["enforce_eager"] = args.enforce_eager
-    llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
+    llm = offline_llm(args)
     prompts, outs = make_workload(args.recipe, args.seed)
     run_throughput(llm, prompts[:4], [8] * min(4, len(prompts)))  # warm-up
     runs = [run_throughput(llm, prompts, outs) for _ in range(args.runs)]

@@ -25,16 +25,13 @@ import torch
 
 from shoal import LLM, SamplingParams
 from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
+from tests.golden.test_default_model_greedy import PROMPTS as GOLDEN_PROMPTS
 
 pytestmark = pytest.mark.slow
 
 TEXT = Path(__file__).resolve().parents[2] / "data" / "ppl" / "gettysburg_address.txt"
 PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village,",
-    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
-    "Water boils at a temperature of",
+    *GOLDEN_PROMPTS,  # the golden test's five, then five more
     "The three primary colors are",
     "In 1969, the first humans to walk on the Moon were",
     "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",

@@ -125,7 +125,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty((b, hq, dv), dtype=q.dtype)
     rc = lib.paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        b, hq, hkv, d, dv, bs, tables.shape[1], scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        b, hq, hkv, d, dv, bs, tables.shape[1], scale, _flag(q), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("paged_decode_attention: scratch allocation failed")
     return out
@@ -140,31 +140,43 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table
 _FLOATS = (torch.bfloat16, torch.float32)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The C RMSNorm for an eager step (one pass instead of torch's five); None when it does not
-    apply (compiling, no kernels, another dtype or device) and the caller runs the torch form."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in _FLOATS
-            or weight.dtype not in _FLOATS or x.numel() == 0 or library() is None):
-        return None
-    h = x.shape[-1]
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """An elementwise kernel applies: an eager step (compiled graphs use the torch forms, which
+    inductor fuses), a non-empty bf16/fp32 CPU tensor, and the library built."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _FLOATS
+            and x.numel() > 0 and library() is not None)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [N, last] with evenly spaced, contiguous rows (copies only when they are not)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     try:
-        x2 = x.view(-1, h)
+        return x.view(-1, x.shape[-1])
     except RuntimeError:
-        x2 = x.reshape(-1, h)  # copies only when the rows are not evenly spaced
-    w = weight.contiguous()
+        return x.reshape(-1, x.shape[-1])
+
+
+def _flag(x: torch.Tensor) -> int:
+    return int(x.dtype == torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The C RMSNorm for an eager step (one pass instead of torch's five); None when it does not
+    apply (see _eager_cpu) and the caller runs the torch form."""
+    if not _eager_cpu(x) or weight.dtype not in _FLOATS:
+        return None
+    x2, w = _rows(x), weight.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
-    library().rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], h, eps,
-                       int(x.dtype == torch.bfloat16), int(w.dtype == torch.bfloat16), torch.get_num_threads())
+    library().rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps,
+                       _flag(x), _flag(w), torch.get_num_threads())
     return out
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor | None:
-    """The C rotary embedding for an eager step; None when it does not apply (see rms_norm)."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in _FLOATS or x.dim() != 3
-            or x.stride(-1) != 1 or x.shape[-1] % 2 or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or x.numel() == 0 or library() is None):
+    """The C rotary embedding for an eager step; None when it does not apply."""
+    if (not _eager_cpu(x) or x.dim() != 3 or x.stride(-1) != 1 or x.shape[-1] % 2
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32):
         return None
     t, nh, r = x.shape
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -172,25 +184,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         return None
     out = torch.empty((t, nh, r), dtype=x.dtype)
     library().rotary(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, nh, r,
-                     int(interleaved), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+                     int(interleaved), _flag(x), torch.get_num_threads())
     return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """The C SwiGLU for an eager step; None when it does not apply (see rms_norm)."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in _FLOATS
-            or x.shape[-1] % 2 or x.numel() == 0 or library() is None):
+    """The C SwiGLU for an eager step; None when it does not apply, or for a few rows, where
+    torch's two ops cost less than the call."""
+    if not _eager_cpu(x) or x.shape[-1] % 2 or x.numel() <= 8 * x.shape[-1]:
         return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    two_i = x.shape[-1]
-    if x.numel() <= 8 * two_i:  # a few rows: torch's two ops cost less than the call
-        return None
-    try:
-        x2 = x.view(-1, two_i)
-    except RuntimeError:
-        x2 = x.reshape(-1, two_i)
-    out = torch.empty((*x.shape[:-1], two_i // 2), dtype=x.dtype)
-    library().silu_and_mul(x2.data_ptr(), x2.stride(0), out.data_ptr(), x2.shape[0], two_i // 2,
-                           int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    x2 = _rows(x)
+    half = x2.shape[1] // 2
+    out = torch.empty((*x.shape[:-1], half), dtype=x.dtype)
+    library().silu_and_mul(x2.data_ptr(), x2.stride(0), out.data_ptr(), x2.shape[0], half, _flag(x),
+                           torch.get_num_threads())
     return out
