@@ -20,27 +20,48 @@ from shoal.backends.cpu import kernels
 from shoal.executor.forward_batch import AttentionMetadata
 
 
+def _gemv_packed(qweight):  # noqa: ANN001, ANN202
+    """qgemv.c's layout, when its VNNI kernel and its torch operator are built here."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        return None
+    if hasattr(qweight, "qweight"):
+        return ("gemv", 8, kernels.repack_int8(qweight.qweight, qweight.scales))
+    if hasattr(qweight, "codes") and qweight.group_size == 32:
+        rp = kernels.repack_int4(qweight.codes, qweight.scales, qweight.zeros)
+        return None if rp is None else ("gemv", 4, rp)
+    return None
+
+
 def _packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202 — a layers.quant.QuantizedWeight
-    """The weight in the layout of torch's packed CPU kernels, built once per activation dtype
-    (during warm-up) and kept on the weight: ("int8", q, scales) or ("int4", packed, scales_and_zeros,
-    group), or None when the kernel cannot take this shape."""
+    """The weight in a packed CPU kernel's layout, built once per activation dtype (during warm-up)
+    and kept on the weight:
+    - ("gemv", kind, tensors): shoal's VNNI kernel (qgemv.c, int8 activations per group of 32), for
+      bf16 when it is built for this CPU as a torch operator — the form a compiled step calls cheaply;
+    - ("int8", q, scales) / ("int4", packed, scales_and_zeros, group): torch's packed kernels;
+    - None when no kernel takes this shape."""
     key = ("cpu", dtype)
     hit = qweight.kernel_cache.get(key)
     if hit is not None or key in qweight.kernel_cache:
         return hit
-    out = None
+    # bf16 only: the kernel rounds activations to int8 (as llama.cpp does), which float32 — the exact
+    # reference mode, held to 1e-4 by the conformance suite — must not
+    out = _gemv_packed(qweight) if dtype == torch.bfloat16 else None
+    qweight.kernel_cache[key] = out if out is not None else _torch_packed(qweight, dtype)
+    return qweight.kernel_cache[key]
+
+
+def _torch_packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202
     if hasattr(qweight, "qweight"):  # int8 per channel: the canonical form is the kernel's form
-        out = ("int8", qweight.qweight, qweight.scales.to(dtype))
-    elif hasattr(qweight, "codes") and qweight.out_features % 16 == 0:
+        return ("int8", qweight.qweight, qweight.scales.to(dtype))
+    if hasattr(qweight, "codes") and qweight.out_features % 16 == 0:
         codes = torch.stack((qweight.codes & 15, qweight.codes >> 4), dim=-1).flatten(-2).to(torch.int32)
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            sz = torch.stack((qweight.scales, qweight.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
-            out = ("int4", packed, sz, qweight.group_size)
         except RuntimeError:
-            out = None
-    qweight.kernel_cache[key] = out
-    return out
+            return None
+        sz = torch.stack((qweight.scales, qweight.zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
+        return ("int4", packed, sz, qweight.group_size)
+    return None
 
 
 # Above this many rows a dense bf16 matmul (AMX through oneDNN) beats the packed kernels, which
@@ -84,7 +105,9 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     if kern is None:
         return _dense_linear(x, qweight, bias)
     x2 = x2.contiguous()
-    if kern[0] == "int8":
+    if kern[0] == "gemv":
+        y = kernels.quant_gemv(x2, kern[2], kern[1], qweight.out_features)
+    elif kern[0] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, kern[1], kern[2])
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, kern[1], kern[3], kern[2])
@@ -128,9 +151,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (flash) kernel, not its math fallback."""
     if not meta.decode_only:
         return _prefill_attention(q, k_cache, v_cache, meta, scale)
-    # (not in a compiled batch-1 step: its C++ wrapper calls a Python op slowly, ~60 us a layer)
-    if kernels.decode_attention_supported(q, k_cache, v_cache) and not (q.shape[0] == 1 and torch.compiler.is_compiling()):
-        return torch.ops.shoal.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    if kernels.decode_attention_supported(q, k_cache, v_cache):
+        if kernels.torch_ops():  # the C++-registered operator: cheap from a compiled graph's C++ wrapper
+            return torch.ops.shoal.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        # the Python-registered one: not in a compiled batch-1 step, whose C++ wrapper calls a Python
+        # op slowly (~60 us a layer)
+        if not (q.shape[0] == 1 and torch.compiler.is_compiling()):
+            return torch.ops.shoal.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                          scale)
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     tables = meta.block_tables

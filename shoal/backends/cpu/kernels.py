@@ -21,13 +21,17 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("shoal")
 
-_SRC = Path(__file__).with_name("kernels.c")
+_DIR = Path(__file__).parent
+_C_SOURCES = ("kernels.c", "qgemv.c")
+_CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's headers)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / decode_attention exist
 
 
 def cache_dir() -> Path:
@@ -45,7 +49,80 @@ def _cpu_flags_line() -> str:
     return ""
 
 
+def _version(tool: str) -> str | None:
+    try:
+        return subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    """Run a build command; None on success, else its error text."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if p.returncode == 0 else (p.stderr or p.stdout)[-2000:]
+
+
+def _cxx_command(cxx: str, objects: list[str], out: str) -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{d}" for d in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    return [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+            *includes, str(_DIR / _CXX_SOURCE), *objects, "-o", out,
+            *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-lm"]
+
+
+def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
+    """Compile the C sources and, when a C++ compiler and torch's headers are present, link them with
+    ops.cpp into one library that also registers torch operators. Returns (library, has_ops)."""
+    srcs = b"".join((_DIR / f).read_bytes() for f in (*_C_SOURCES, _CXX_SOURCE))
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    cxx_version = (_version(cxx) if cxx and os.environ.get("SHOAL_CPU_TORCH_OPS", "1") != "0" else None) or ""
+    key = hashlib.sha256(srcs + cc_version.encode() + cxx_version.encode() + torch.__version__.encode()
+                         + _cpu_flags_line().encode()).hexdigest()[:16]
+    for has_ops in ((True, False) if cxx_version else (False,)):
+        out = cache_dir() / f"shoal_cpu_{key}{'_ops' if has_ops else ''}.so"
+        if out.exists():
+            return out, has_ops
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects = []
+    for f in _C_SOURCES:
+        obj = os.path.join(tmpdir, f + ".o")
+        # fp-contract off: no fused multiply-adds where the kernels reproduce torch's per-op rounding
+        err = _run([cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-c", str(_DIR / f), "-o", obj])
+        if err is not None:
+            log.warning("compiling shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
+            return None
+        objects.append(obj)
+    tmp = os.path.join(tmpdir, "lib.so")
+    has_ops = False
+    if cxx_version:
+        log.info("building shoal's CPU kernels with torch operator bindings (once, ~10 s)")
+        err = _run(_cxx_command(cxx, objects, tmp))  # type: ignore[arg-type]
+        has_ops = err is None
+        if not has_ops:
+            log.warning("building shoal's torch operator bindings failed (compiled graphs call the kernels "
+                        "through Python instead)\n%s", err)
+    if not has_ops:
+        err = _run([cc, "-shared", "-fopenmp", *objects, "-o", tmp, "-lm"])
+        if err is not None:
+            log.warning("linking shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
+            return None
+    out = out_dir / f"shoal_cpu_{key}{'_ops' if has_ops else ''}.so"
+    fd, staged = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    shutil.copyfile(tmp, staged)
+    os.replace(staged, out)  # atomic: concurrent processes never load a half-written library
+    return out, has_ops
+
+
 def _compile() -> ctypes.CDLL | None:
+    global _cxx_ops
     if os.environ.get("SHOAL_CPU_KERNELS", "1") == "0":
         log.info("shoal CPU kernels disabled (SHOAL_CPU_KERNELS=0): plain-torch ops run instead")
         return None
@@ -53,32 +130,23 @@ def _compile() -> ctypes.CDLL | None:
     if not cc:
         log.warning("no C compiler found (set CC): shoal's CPU kernels are off, plain-torch ops run instead")
         return None
-    src = _SRC.read_bytes()
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("C compiler %s does not run (%s): shoal's CPU kernels are off", cc, exc)
+    cc_version = _version(cc)
+    if cc_version is None:
+        log.warning("C compiler %s does not run: shoal's CPU kernels are off", cc)
         return None
-    key = hashlib.sha256(src + version.encode() + _cpu_flags_line().encode()).hexdigest()[:16]
-    out = cache_dir() / f"shoal_cpu_{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        # fp-contract off: no fused multiply-adds where the kernels reproduce torch's per-op rounding
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-o", tmp, str(_SRC), "-lm"]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        built = _build(cc, cc_version, tmpdir)
+    if built is None:
+        return None
+    path, has_ops = built
+    if has_ops:
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            os.unlink(tmp)
-            log.warning("compiling shoal's CPU kernels failed (%s): plain-torch ops run instead", exc)
-            return None
-        if p.returncode != 0:
-            os.unlink(tmp)
-            log.warning("compiling shoal's CPU kernels failed: plain-torch ops run instead\n%s", p.stderr[-2000:])
-            return None
-        os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
-    lib = ctypes.CDLL(str(out))
+            torch.ops.load_library(str(path))  # registers shoal::quant_gemv and shoal::decode_attention
+            _register_fakes()
+            _cxx_ops = True
+        except (OSError, RuntimeError) as exc:
+            log.warning("loading shoal's torch operator bindings failed (%s)", exc)
+    lib = ctypes.CDLL(str(path))
     f = lib.paged_decode_attention
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -89,6 +157,10 @@ def _compile() -> ctypes.CDLL | None:
     lib.rotary.argtypes = [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]
     lib.silu_and_mul.restype = None
     lib.silu_and_mul.argtypes = [vp, i64, vp, i64, i32, i32, i32]
+    lib.quant_gemv.restype = i32
+    lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
+    lib.qgemv_fast.restype = i32
+    lib.qgemv_fast.argtypes = []
     return lib
 
 
@@ -199,3 +271,110 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     library().silu_and_mul(x2.data_ptr(), x2.stride(0), out.data_ptr(), x2.shape[0], half, _flag(x),
                            torch.get_num_threads())
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized matrix × few-rows products (qgemv.c): int8 activations per group of 32, AVX512-VNNI.
+
+def _register_fakes() -> None:
+    """Shape functions for the C++-registered operators (so torch.compile can trace them)."""
+    @torch.library.register_fake("shoal::quant_gemv")
+    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("shoal::decode_attention")
+    def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+          seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+def torch_ops() -> bool:
+    """True when the kernels are also torch operators implemented in C++ (ops.cpp)."""
+    return library() is not None and _cxx_ops
+
+
+def gemv_fast() -> bool:
+    """The VNNI quantized GEMV was compiled for this CPU (else its scalar reference path only)."""
+    lib = library()
+    return lib is not None and bool(lib.qgemv_fast())
+
+
+_LANE = torch.arange(64)
+# lane order: position p of a pair of groups holds group (p >> 2) & 1, element ((p >> 3) << 2) | (p & 3)
+LANE_SOURCE = ((_LANE >> 2) & 1) * 32 + (((_LANE >> 3) << 2) | (_LANE & 3))
+
+
+def _lane_order(t: torch.Tensor, fill: int) -> torch.Tensor:
+    """[N, K] → [N, Kp] (K padded to a multiple of 64 with `fill`), each 64 in qgemv.c's lane order."""
+    n, k = t.shape
+    kp = -(-k // 64) * 64
+    if kp > k:
+        t = torch.cat([t, t.new_full((n, kp - k), fill)], dim=1)
+    return t.view(n, kp // 64, 64)[:, :, LANE_SOURCE].reshape(n, kp)
+
+
+def _groups_padded(t: torch.Tensor, kp: int) -> torch.Tensor:
+    out = t.new_zeros((t.shape[0], kp // 32))
+    out[:, : t.shape[1]] = t
+    return out
+
+
+_F16_MAX = 65504.0
+
+
+def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """A group-32 int4 weight (layers.quant.Int4Weight: w = (q − 8)·s + z) → qgemv.c's layout:
+    (codes [N, Kp/2] uint8, s [N, Kp/32] fp16, m = z − 8s [N, Kp/32] fp16); None when s or m do not fit
+    fp16 (the caller keeps torch's kernel)."""
+    n = codes.shape[0]
+    q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # [N, K] in 0..15
+    offs = zeros.float() - 8 * scales.float()
+    if max(scales.abs().max().item(), offs.abs().max().item()) >= _F16_MAX:
+        return None
+    lanes = _lane_order(q, 0)
+    kp = lanes.shape[1]
+    lanes = lanes.view(n, kp // 64, 64)
+    packed = (lanes[..., :32] | (lanes[..., 32:] << 4)).reshape(n, kp // 2).contiguous()
+    return (packed, _groups_padded(scales.float(), kp).half().contiguous(),
+            _groups_padded(offs, kp).half().contiguous())
+
+
+def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A per-channel int8 weight (w = q · s) → qgemv.c's layout: (bytes q + 128 [N, Kp] in lane order,
+    s [N] fp32, an unused placeholder)."""
+    biased = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    return _lane_order(biased, 128).contiguous(), scales.float().contiguous(), torch.empty(0, dtype=torch.uint8)
+
+
+def quant_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, ...], kind: int, n: int) -> torch.Tensor:
+    """x [M, K] (bf16/fp32, contiguous rows) · Wᵀ for a repacked weight → [M, n] in x's dtype. The
+    C++ operator when it is built (the only form a compiled graph should call), else ctypes."""
+    if _cxx_ops:
+        return torch.ops.shoal.quant_gemv(x, packed[0], packed[1], packed[2], kind, n)
+    lib = library()
+    assert lib is not None, "shoal CPU kernels unavailable"
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=x.dtype)
+    if m and n:
+        rc = lib.quant_gemv(kind, x.data_ptr(), x.stride(0), packed[0].data_ptr(), packed[1].data_ptr(),
+                            packed[2].data_ptr(), y.data_ptr(), n, m, n, k, _flag(x), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("quant_gemv: scratch allocation failed")
+    return y
+
+
+def quant_gemv_reference(x: torch.Tensor, dequantized_scaled: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's arithmetic in plain torch (the twin tests compare against): x rounded to int8 per
+    group of 32 (scale amax/127, nearest even), times the weight's scaled part, plus the offsets'
+    part on the exact x. `dequantized_scaled` [N, K] is s·q (int4) or q·s (int8); `offsets` [N, K] is
+    m expanded (int4) or None."""
+    m, k = x.shape
+    kp = -(-k // 32) * 32
+    xf = F.pad(x.float(), (0, kp - k)).view(m, kp // 32, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = (torch.round(xf * inv) * (amax / 127.0)).view(m, kp)[:, :k]
+    y = xq @ dequantized_scaled.float().T
+    return y if offsets is None else y + x.float() @ offsets.float().T

@@ -1,0 +1,147 @@
+"""shoal's quantized GEMV for decode on CPU (shoal/backends/cpu/qgemv.c): int8 activations per group of
+32 against int4 (group-32, fp16 scale and offset) and int8 (per-channel) weights.
+
+Checked against `kernels.quant_gemv_reference` (the same arithmetic in plain torch: exact up to fp32
+summation order) and, loosely, against the dequantized float matmul; through the C++ operator, the
+ctypes call, the scalar (non-VNNI) build of the same source, the CPU platform's `quant_linear`, and
+a compiled graph with the C++ wrapper (the batch-1 decode step's configuration).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from shoal.backends import native
+from shoal.backends.cpu import kernels
+from shoal.layers.quant import Int4Weight, Int8Weight, unpack_nibbles
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
+
+
+def _weights(n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, 5] += 0.4  # an outlier column, as real weights have
+    return Int4Weight.quantize(w), Int8Weight.quantize(w)
+
+
+def _int4_case(w4: Int4Weight):
+    """(packed, kind, reference parts): the reference uses the fp16-rounded scale and offset the
+    kernel stores."""
+    packed = kernels.repack_int4(w4.codes, w4.scales, w4.zeros)
+    assert packed is not None
+    s = w4.scales.half().float().repeat_interleave(32, 1)
+    m = (w4.zeros - 8 * w4.scales).half().float().repeat_interleave(32, 1)
+    return packed, 4, (unpack_nibbles(w4.codes).float() * s, m)
+
+
+def _int8_case(w8: Int8Weight):
+    return kernels.repack_int8(w8.qweight, w8.scales), 8, (w8.dequantize(), None)
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k + 8, generator=g) * 2
+    x[:, 3] = 0.0
+    if k >= 64:
+        x[:, 32:64] = 0.0  # an all-zero group (scale 0)
+    return x.to(dtype)[:, :k]  # rows strided (a view of a wider tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [4, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 960, 576), (3, 130, 1536), (5, 64, 96), (9, 200, 64), (2, 70, 160)])
+def test_quant_gemv_matches_its_reference(dtype, kind, m, n, k):
+    w4, w8 = _weights(n, k, seed=n + k)
+    packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
+    x = _x(m, k, dtype, seed=m)
+    for cxx in ((True, False) if kernels.torch_ops() else (False,)):
+        saved = kernels._cxx_ops
+        kernels._cxx_ops = cxx
+        try:
+            got = kernels.quant_gemv(x, packed, kind_, n)
+        finally:
+            kernels._cxx_ops = saved
+        ref = kernels.quant_gemv_reference(x, scaled, offs)
+        assert got.dtype == dtype and got.shape == (m, n)
+        # fp32: summation order only; bf16: one rounding of the output
+        tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+        torch.testing.assert_close(got.float(), ref, **tol)
+        # and close to the float matmul on the dequantized weight (int8 activation rounding only)
+        exact = x.float() @ (scaled + (0 if offs is None else offs)).T
+        assert (got.float() - exact).norm() / exact.norm() < 0.02
+
+
+def test_scalar_build_of_the_same_source_agrees():
+    """qgemv.c without VNNI (what a CPU without AVX512-VNNI runs) computes the same numbers."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    out = kernels.cache_dir() / "test_qgemv_scalar.so"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = kernels._DIR / "qgemv.c"
+    subprocess.run([cc, "-O2", "-fopenmp", "-shared", "-fPIC", "-mno-avx512f", str(src), "-o", str(out), "-lm"],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(out))
+    assert lib.qgemv_fast() == 0
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
+    w4, w8 = _weights(70, 160, seed=1)
+    x = _x(3, 160, torch.float32, seed=2)
+    for packed, kind, (scaled, offs) in (_int4_case(w4), _int8_case(w8)):
+        y = torch.empty(3, 70)
+        rc = lib.quant_gemv(kind, x.data_ptr(), x.stride(0), packed[0].data_ptr(), packed[1].data_ptr(),
+                            packed[2].data_ptr(), y.data_ptr(), 70, 3, 70, 160, 0, 2)
+        assert rc == 0
+        torch.testing.assert_close(y, kernels.quant_gemv_reference(x, scaled, offs), atol=1e-4, rtol=1e-5)
+
+
+def test_platform_quant_linear_uses_the_kernel_for_decode_rows():
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    from shoal.backends import cpu
+
+    w4, w8 = _weights(96, 576, seed=3)
+    bias = torch.randn(96)
+    for w in (w4, w8):
+        x = _x(4, 576, torch.bfloat16, seed=4)
+        got = cpu.quant_linear(x, w, bias)
+        assert w.kernel_cache[("cpu", torch.bfloat16)][0] == "gemv"
+        ref = native.quant_linear(x.float(), w, bias.float())
+        assert (got.float() - ref).norm() / ref.norm() < 0.02
+
+
+def test_repack_refuses_scales_outside_fp16():
+    w4, _ = _weights(16, 64, seed=5)
+    assert kernels.repack_int4(w4.codes, w4.scales * 1e6, w4.zeros) is None
+
+
+def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
+    """The batch-1 decode step's configuration: the C++ wrapper calls the C++-registered operators."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    w4, _ = _weights(192, 576, seed=6)
+    packed = kernels.repack_int4(w4.codes, w4.scales, w4.zeros)
+    g = torch.Generator().manual_seed(8)
+    kc, vc = torch.randn(8, 16, 3, 64, generator=g), torch.randn(8, 16, 3, 64, generator=g)
+    tables, lens = torch.tensor([[5, 2, 7]]), torch.tensor([40])
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.shoal.quant_gemv(x * 2, packed[0], packed[1], packed[2], 4, 192)
+        a = torch.ops.shoal.decode_attention(y.view(1, 3, 64), kc, vc, tables, lens, 0.125)
+        return a + 1
+
+    x = _x(1, 576, torch.float32, seed=9).contiguous()
+    eager = f(x)
+    q = torch.randn(2, 9, 64, generator=g)
+    both = (torch.tensor([[5, 2, 7], [1, 0, 3]]), torch.tensor([40, 33]))
+    torch.testing.assert_close(torch.ops.shoal.decode_attention(q, kc, vc, *both, 0.125),
+                               torch.ops.shoal.paged_decode_attention(q, kc, vc, *both, 0.125), atol=0, rtol=0)
+    compiled = torch.compile(f, fullgraph=True, options={"cpp_wrapper": True})(x)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
