@@ -56,7 +56,8 @@ def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", [4, 8])
-@pytest.mark.parametrize("m,n,k", [(1, 960, 576), (3, 130, 1536), (5, 64, 96), (9, 200, 64), (2, 70, 160)])
+@pytest.mark.parametrize("m,n,k", [(1, 960, 576), (3, 130, 1536), (5, 64, 96), (9, 200, 64), (2, 70, 160),
+                                   (9, 40, 2048)])  # the last: scratch on the heap
 def test_quant_gemv_matches_its_reference(dtype, kind, m, n, k):
     w4, w8 = _weights(n, k, seed=n + k)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)

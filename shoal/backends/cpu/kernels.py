@@ -333,8 +333,13 @@ def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
         return None
     lanes = _lane_order(q, 0)
     kp = lanes.shape[1]
-    lanes = lanes.view(n, kp // 64, 64)
-    packed = (lanes[..., :32] | (lanes[..., 32:] << 4)).reshape(n, kp // 2).contiguous()
+    pairs = kp // 64
+    lanes = lanes.view(n, pairs, 64)
+    even = pairs - pairs % 2  # blocks of two pairs: the first in the low nibbles, the second in the high
+    blocks = lanes[:, 0:even:2] | (lanes[:, 1:even:2] << 4)  # [N, pairs/2, 64]
+    tail = lanes[:, even:] if pairs % 2 else lanes[:, :0]  # a last pair: values j and j + 32 share byte j
+    tail = tail[..., :32] | (tail[..., 32:] << 4)
+    packed = torch.cat([blocks.reshape(n, -1), tail.reshape(n, -1)], dim=1).contiguous()
     return (packed, _groups_padded(scales.float(), kp).half().contiguous(),
             _groups_padded(offs, kp).half().contiguous())
 

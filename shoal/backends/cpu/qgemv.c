@@ -11,9 +11,11 @@
  *   are stored in "lane order": byte p holds group (p >> 2) & 1, element ((p >> 3) << 2) | (p & 3),
  *   so the sixteen 32-bit lanes of a vpdpbusd alternate A, B, A, B, … and one broadcast of the
  *   pair's two scales lines up with them;
- * - int4: codes q ∈ 0..15, two per byte — byte j of a pair holds lane-order value j in its low
- *   nibble and value j + 32 in its high nibble (32 bytes per pair); fp16 scales s and offsets m per
- *   group, w = s · q + m;
+ * - int4: codes q ∈ 0..15, two per byte, in blocks of two pairs: byte j of a 64-byte block holds
+ *   lane-order value j of the first pair in its low nibble and of the second in its high nibble (one
+ *   load and three ops unpack 128 weights); a last, unpaired pair takes 32 bytes, value j in the low
+ *   nibble of byte j and value j + 32 in the high one; fp16 scales s and offsets m per group,
+ *   w = s · q + m;
  * - int8: bytes w + 128 (so they are the unsigned operand; the 128·Σx term is subtracted once per
  *   activation row), 64 per pair; one fp32 scale per output row.
  * The activation row is quantized into the same lane order.
@@ -32,6 +34,7 @@
 
 #define QG_MAXR 4   /* activation rows per pass over the weights */
 #define QG_CHUNK 64 /* output rows per work item */
+#define QG_STACK 16384 /* bytes of quantized activations kept on the stack */
 
 /* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
 int qgemv_fast(void) { return QG_FAST; }
@@ -130,13 +133,32 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *codes
                                                            const float *xs, int Kp, int R, void *y, int64_t ldy,
                                                            int is_bf16) {
     const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m512i low512 = _mm512_set1_epi8(0x0f);
     const int Gp = 2 * P;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = codes + n * (int64_t)P * 32;
         const uint16_t *s = scales + n * Gp;
-        __m512 acc[QG_MAXR];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-        for (int p = 0; p < P; p++) {
+        __m512 acc[QG_MAXR], acc2[QG_MAXR]; /* two chains: even and odd pairs */
+        for (int r = 0; r < R; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
+        int p = 0;
+        /* blocks of two pairs: 64 bytes, pair p in the low nibbles and pair p + 1 in the high ones */
+        for (; p + 2 <= P; p += 2) {
+            const __m512i v = _mm512_loadu_si512((const void *)(c + 32 * p));
+            const __m512i w0 = _mm512_and_si512(v, low512), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low512);
+            int32_t sp0, sp1;
+            memcpy(&sp0, s + 2 * p, 4);
+            memcpy(&sp1, s + 2 * p + 2, 4);
+            const __m512 sv0 = _mm512_cvtph_ps(_mm256_set1_epi32(sp0)), sv1 = _mm512_cvtph_ps(_mm256_set1_epi32(sp1));
+            for (int r = 0; r < R; r++) {
+                const int8_t *xr = xq + (int64_t)r * Kp + 64 * p;
+                const float *dr = dx + (int64_t)r * Gp + 2 * p;
+                const __m512i i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)xr));
+                const __m512i i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xr + 64)));
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i0), pair_bcast(dr)), sv0, acc[r]);
+                acc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i1), pair_bcast(dr + 2)), sv1, acc2[r]);
+            }
+        }
+        if (p < P) { /* a last, unpaired pair: 32 bytes, values j and j + 32 in the nibbles of byte j */
             const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 32 * p));
             const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
@@ -150,6 +172,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *codes
                 acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), d), sv, acc[r]);
             }
         }
+        for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], acc2[r]);
         /* + Σ_g m_g · Σ x_g */
         const uint16_t *m = offs + n * Gp;
         for (int r = 0; r < R; r++) {
@@ -201,11 +224,15 @@ static void int4_rows_scalar(const uint8_t *codes, const uint16_t *scales, const
         for (int r = 0; r < R; r++) {
             float acc = 0.f;
             for (int p = 0; p < P; p++) {
-                const uint8_t *c = codes + (n * (int64_t)P + p) * 32;
+                const uint8_t *c = codes + n * (int64_t)P * 32;
                 const int8_t *x = xq + (int64_t)r * Kp + 64 * p;
                 int32_t isum[2] = {0, 0};
                 for (int j = 0; j < 64; j++) {
-                    const int q = j < 32 ? c[j] & 15 : c[j - 32] >> 4;
+                    int q;
+                    if (p + 1 < P || P % 2 == 0) /* in a block of two pairs */
+                        q = (c[32 * (p & ~1) + j] >> (4 * (p & 1))) & 15;
+                    else /* the last, unpaired pair */
+                        q = j < 32 ? c[32 * p + j] & 15 : c[32 * p + j - 32] >> 4;
                     isum[lane_group(j)] += q * x[j];
                 }
                 for (int g = 0; g < 2; g++)
@@ -240,11 +267,18 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
 int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, G = (K + 31) / 32;
-    int8_t *xq = aligned_alloc(64, (size_t)M * Kp + 64);
-    float *f = malloc(sizeof(float) * ((size_t)M * 2 * Gp + (size_t)M));
+    /* scratch for the quantized activations: on the stack for decode sizes, else the heap */
+    _Alignas(64) int8_t xq_stack[QG_STACK];
+    float f_stack[QG_STACK / 8];
+    const size_t nxq = (size_t)M * Kp, nf = (size_t)M * 2 * Gp + (size_t)M;
+    const int heap = nxq > sizeof(xq_stack) || nf > sizeof(f_stack) / sizeof(float);
+    int8_t *xq = heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
+    float *f = heap ? malloc(sizeof(float) * nf) : f_stack;
     if (!xq || !f) {
-        free(xq);
-        free(f);
+        if (heap) {
+            free(xq);
+            free(f);
+        }
         return -1;
     }
     float *dx = f, *xs = f + (size_t)M * Gp, *off = f + (size_t)M * 2 * Gp;
@@ -280,7 +314,9 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 #endif
         }
     }
-    free(xq);
-    free(f);
+    if (heap) {
+        free(xq);
+        free(f);
+    }
     return 0;
 }
