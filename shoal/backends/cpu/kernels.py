@@ -379,7 +379,9 @@ def quant_gemv_reference(x: torch.Tensor, dequantized_scaled: torch.Tensor, offs
     kp = -(-k // 32) * 32
     xf = F.pad(x.float(), (0, kp - k)).view(m, kp // 32, 32)
     amax = xf.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # a true division (127.0 / t is reciprocal-then-multiply in torch: a second rounding, which moves
+    # exact ties, common with bf16 inputs)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
     xq = (torch.round(xf * inv) * (amax / 127.0)).view(m, kp)[:, :k]
     y = xq @ dequantized_scaled.float().T
     return y if offsets is None else y + x.float() @ offsets.float().T
