@@ -1,9 +1,10 @@
 """The CPU platform: plain torch with oneDNN underneath; memory from /proc/meminfo.
 
-Every op uses its native form here except `quant_linear` (torch's packed int8/int4 CPU kernels, fast
-with bf16 activations on AVX512-BF16/AMX), `paged_attention` and, in eager steps, `rms_norm`,
-`rotary` and `silu_and_mul` (shoal's C kernels, kernels.c, when a C compiler is present); the CPU run of `shoal conformance` checks
-the native ops themselves (against the independent slow references in the suite).
+Every op uses its native form here except `quant_linear` (for bf16 decode rows shoal's VNNI GEMV,
+qgemv.c; else torch's packed int8/int4 CPU kernels, or a dense oneDNN matmul for many rows),
+`paged_attention` and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
+kernels.c, when a C compiler is present); the CPU run of `shoal conformance` checks the native ops
+themselves (against the independent slow references in the suite).
 """
 
 from __future__ import annotations

@@ -17,20 +17,7 @@
 #include <immintrin.h>
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "scalar.h"
 
 #ifdef __AVX512F__
 static inline __m512 load16(const void *src, int64_t idx, int is_bf16) {
@@ -271,15 +258,6 @@ static inline __m512 round_bf16(__m512 x) {
     return _mm512_castsi512_ps(u); /* (finite inputs: activations here never hold NaN/Inf) */
 }
 #endif
-
-static inline float ld(const void *p, int64_t i, int is_bf16) {
-    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void st(void *p, int64_t i, float v, int is_bf16) {
-    if (is_bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
 
 static inline float rb(float v, int is_bf16) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 

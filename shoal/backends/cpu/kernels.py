@@ -1,13 +1,15 @@
-"""shoal's own CPU kernels (kernels.c): compiled on first use with the system C compiler, cached on
-disk, called through ctypes, and exposed as torch custom ops so a compiled decode step can call them
-too. Everything here has a plain-torch twin; when no compiler is found (or `SHOAL_CPU_KERNELS=0`)
-the twin runs instead, after one log line saying why.
+"""shoal's own CPU kernels (kernels.c, qgemv.c): compiled on first use with the system C compiler,
+cached on disk and called through ctypes. When a C++ compiler and torch's headers are present,
+ops.cpp is linked in too and registers `shoal::quant_gemv` and `shoal::decode_attention` as C++
+torch operators, which a compiled graph's C++ wrapper calls without a trip through Python.
+Everything here has a plain-torch twin; when no compiler is found (or `SHOAL_CPU_KERNELS=0`) the
+twin runs instead, after one log line saying why.
 
-Compiling takes about a second (`cc -O3 -march=native -fopenmp`); the library is cached under
-`$SHOAL_CACHE_DIR` (default `~/.cache/shoal`) keyed by the source, the compiler and the CPU flags,
-so a copied cache never runs on a CPU it was not built for.
+Building takes about a second for the C sources (`cc -O3 -march=native -fopenmp`) and ~10 s with the
+C++ bindings; the library is cached under `$SHOAL_CACHE_DIR` (default `~/.cache/shoal`) keyed by the
+sources, the compilers, torch's version and the CPU flags, so a copied cache never runs on a CPU it
+was not built for.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -27,6 +29,7 @@ log = logging.getLogger("shoal")
 
 _DIR = Path(__file__).parent
 _C_SOURCES = ("kernels.c", "qgemv.c")
+_C_HEADERS = ("scalar.h",)
 _CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's headers)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -79,7 +82,7 @@ def _cxx_command(cxx: str, objects: list[str], out: str) -> list[str]:
 def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
     """Compile the C sources and, when a C++ compiler and torch's headers are present, link them with
     ops.cpp into one library that also registers torch operators. Returns (library, has_ops)."""
-    srcs = b"".join((_DIR / f).read_bytes() for f in (*_C_SOURCES, _CXX_SOURCE))
+    srcs = b"".join((_DIR / f).read_bytes() for f in (*_C_SOURCES, *_C_HEADERS, _CXX_SOURCE))
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     cxx_version = (_version(cxx) if cxx and os.environ.get("SHOAL_CPU_TORCH_OPS", "1") != "0" else None) or ""
     key = hashlib.sha256(srcs + cc_version.encode() + cxx_version.encode() + torch.__version__.encode()
@@ -99,7 +102,8 @@ def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
             log.warning("compiling shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
             return None
         objects.append(obj)
-    tmp = os.path.join(tmpdir, "lib.so")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # renamed into place once linked
+    os.close(fd)
     has_ops = False
     if cxx_version:
         log.info("building shoal's CPU kernels with torch operator bindings (once, ~10 s)")
@@ -111,13 +115,11 @@ def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
     if not has_ops:
         err = _run([cc, "-shared", "-fopenmp", *objects, "-o", tmp, "-lm"])
         if err is not None:
+            os.unlink(tmp)
             log.warning("linking shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
             return None
     out = out_dir / f"shoal_cpu_{key}{'_ops' if has_ops else ''}.so"
-    fd, staged = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    shutil.copyfile(tmp, staged)
-    os.replace(staged, out)  # atomic: concurrent processes never load a half-written library
+    os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
     return out, has_ops
 
 

@@ -32,27 +32,14 @@
 #define QG_FAST 0
 #endif
 
+#include "scalar.h"
+
 #define QG_MAXR 4   /* activation rows per pass over the weights */
 #define QG_CHUNK 64 /* output rows per work item */
 #define QG_STACK 16384 /* bytes of quantized activations kept on the stack */
 
 /* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
 int qgemv_fast(void) { return QG_FAST; }
-
-static inline float qg_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t qg_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float qg_half(uint16_t h) { /* IEEE fp16 → fp32 */
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
@@ -83,7 +70,7 @@ static float quantize_row(const void *x, int K, int Kp, int is_bf16, int8_t *xq,
     for (int p0 = 0; p0 < Kp; p0 += 64) {
         for (int i = 0; i < 64; i++) {
             const int k = p0 + i;
-            tmp[i] = k >= K ? 0.f : is_bf16 ? qg_bf16(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            tmp[i] = k >= K ? 0.f : ld(x, k, is_bf16);
         }
         for (int g = 0; g < 2; g++) {
             const float *t = tmp + 32 * g;
@@ -107,13 +94,6 @@ static float quantize_row(const void *x, int K, int Kp, int is_bf16, int8_t *xq,
         for (int p = 0; p < 64; p++) xq[p0 + p] = q[32 * lane_group(p) + lane_elem(p)];
     }
     return offset;
-}
-
-static inline void store_out(void *y, int64_t i, float v, int is_bf16) {
-    if (is_bf16)
-        ((uint16_t *)y)[i] = qg_to_bf16(v);
-    else
-        ((float *)y)[i] = v;
 }
 
 #if QG_FAST
@@ -186,7 +166,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *codes
                 mt = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + g)),
                                      _mm512_maskz_loadu_ps(k, xs + (int64_t)r * Gp + g), mt);
             }
-            store_out(y, (int64_t)r * ldy + n, hsum(acc[r]) + hsum(mt), is_bf16);
+            st(y, (int64_t)r * ldy + n, hsum(acc[r]) + hsum(mt), is_bf16);
         }
     }
 }
@@ -210,7 +190,7 @@ static inline __attribute__((always_inline)) void int8_rows(const uint8_t *wq, c
             }
         }
         for (int r = 0; r < R; r++)
-            store_out(y, (int64_t)r * ldy + n, scales[n] * (hsum(acc[r]) - 128.f * off[r]), is_bf16);
+            st(y, (int64_t)r * ldy + n, scales[n] * (hsum(acc[r]) - 128.f * off[r]), is_bf16);
     }
 }
 #endif
@@ -239,7 +219,7 @@ static void int4_rows_scalar(const uint8_t *codes, const uint16_t *scales, const
                     acc += (float)isum[g] * dx[(int64_t)r * Gp + 2 * p + g] * qg_half(scales[n * Gp + 2 * p + g]);
             }
             for (int g = 0; g < G; g++) acc += qg_half(offs[n * Gp + g]) * xs[(int64_t)r * Gp + g];
-            store_out(y, (int64_t)r * ldy + n, acc, is_bf16);
+            st(y, (int64_t)r * ldy + n, acc, is_bf16);
         }
 }
 
@@ -256,7 +236,7 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
                     isum[lane_group(j)] += (int)wq[n * (int64_t)Kp + 64 * p + j] * xq[(int64_t)r * Kp + 64 * p + j];
                 for (int g = 0; g < 2; g++) acc += (float)isum[g] * dx[(int64_t)r * Gp + 2 * p + g];
             }
-            store_out(y, (int64_t)r * ldy + n, scales[n] * (acc - 128.f * off[r]), is_bf16);
+            st(y, (int64_t)r * ldy + n, scales[n] * (acc - 128.f * off[r]), is_bf16);
         }
 }
 
