@@ -16,9 +16,9 @@ from shoal.executor.forward_batch import AttentionMetadata
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
 
 
-def _decode_case(b: int, hq: int, hkv: int, d: int, dv: int, dtype: torch.dtype, seed: int):
+def _decode_case(b: int, hq: int, hkv: int, d: int, dv: int, dtype: torch.dtype, seed: int, bs: int = 16):
     g = torch.Generator().manual_seed(seed)
-    bs, nb = 16, 64
+    nb = 64
     lens = torch.randint(1, 90, (b,), generator=g)
     lens[0] = 1  # a sequence with only its own token
     width = int((lens.max() + bs - 1) // bs)
@@ -35,10 +35,15 @@ def _decode_case(b: int, hq: int, hkv: int, d: int, dv: int, dtype: torch.dtype,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,hq,hkv,d,dv", [(5, 9, 3, 64, 64), (3, 4, 4, 64, 64), (4, 16, 1, 32, 32),
-                                           (2, 10, 1, 40, 24), (1, 3, 3, 64, 64)])
-def test_paged_decode_attention_matches_native(dtype, b, hq, hkv, d, dv):
-    q, kc, vc, meta = _decode_case(b, hq, hkv, d, dv, dtype, seed=b * 100 + hq)
+@pytest.mark.parametrize("b,hq,hkv,d,dv,bs", [
+    (5, 9, 3, 64, 64, 16), (3, 4, 4, 64, 64, 16), (4, 16, 1, 32, 32, 16), (2, 10, 1, 40, 24, 16),
+    (1, 3, 3, 64, 64, 16),
+    # the bf16 paths: dot-product scores (D % 32 == 0, blocks of a multiple of 16 tokens) and the
+    # row-wise weighted sum (DV 64 with ≤ 6 heads per KV head, DV 128 with ≤ 3), and their fallbacks
+    (3, 6, 2, 128, 128, 16), (2, 6, 1, 128, 128, 32), (2, 8, 1, 64, 64, 16), (3, 9, 3, 64, 64, 8),
+    (2, 4, 2, 96, 64, 48)])
+def test_paged_decode_attention_matches_native(dtype, b, hq, hkv, d, dv, bs):
+    q, kc, vc, meta = _decode_case(b, hq, hkv, d, dv, dtype, seed=b * 100 + hq, bs=bs)
     scale = d**-0.5
     got = torch.ops.shoal.paged_decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, scale)
     ref = native.paged_attention(q.double(), kc.double(), vc.double(), meta, scale)
