@@ -177,11 +177,12 @@ class ModelRunner:
         """Run a prefill and a decode step eagerly (platform ops pack or cache their weights on first
         use), then — unless `enforce_eager` — compile the decode step for each batch-size bucket.
 
-        Decode buckets: batch 1 (static shapes, C++ wrapper: the least per-step overhead), 2..8 and
-        9..max_num_seqs (batch size symbolic; the split follows the CPU quantized matmul's
-        packed/dense switch). The context length is symbolic in every bucket, so recompiles stay
-        bounded at three graphs. Compiled graphs are cached on disk by inductor, so later start-ups
-        are quicker than the first."""
+        Decode buckets: batch 1 (static shapes, C++ wrapper: the least per-step overhead); 2..8
+        (batch size symbolic: the CPU's packed quantized GEMV range); above that, batches padded to
+        static sizes (`_padded_sizes`), whose dense matmuls inductor max-autotunes. The context length
+        is symbolic in every bucket, so no graph is re-traced after warm-up. Start-up with the
+        default model (2 cores) takes a few minutes: each graph is compiled anew, frozen graphs
+        bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only.
         if self.num_blocks * self.block_size < 64:
             return
         self._logits(self._dummy_batch(1, 32))
@@ -215,7 +216,9 @@ class ModelRunner:
             # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls)
             padded = dict(opts)
             if os.environ.get("SHOAL_MAX_AUTOTUNE", "1") != "0":
-                padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+                padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                           # no timing tables on the terminal
+                           "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
             self._compiled_decode = {
                 # dynamic=None: honour maybe_mark_dynamic (dynamic=False would specialise every size)
                 "single": torch.compile(_own_code(self._logits), dynamic=None, options=single),
@@ -236,12 +239,13 @@ class ModelRunner:
 
     @property
     def _padded_sizes(self) -> list[int]:
-        """Decode batch sizes above the packed-GEMV range are padded up to one of these (16, 32, 64,
-        … and max_num_seqs): static shapes for the dense matmuls, a bounded number of graphs."""
+        """Decode batch sizes above the packed-GEMV range are padded up to one of these (32, 64, …
+        and max_num_seqs): static shapes for the dense matmuls, a bounded number of graphs. The
+        dense matmuls are memory-bound at these sizes, so padded rows cost little."""
         max_seqs = self.cfg.scheduler.max_num_seqs
         if max_seqs <= _GEMV_MAX_BATCH:
             return []
-        sizes = [p for p in (16, 32, 64, 128, 256) if p < max_seqs]
+        sizes = [p for p in (32, 64, 128, 256) if p < max_seqs]  # each graph costs ~1-2 min to compile
         return sizes + [max_seqs]
 
     def _pad(self, fb: ForwardBatch, size: int) -> ForwardBatch:
@@ -273,7 +277,9 @@ class ModelRunner:
         n = fb.num_tokens
         if n > _GEMV_MAX_BATCH:
             size = next(p for p in self._padded_sizes if p >= n)
-            return self._compiled_decode[f"padded{size}"](self._pad(fb, size))[:n]  # type: ignore[index]
+            fb = self._pad(fb, size)
+            mark(fb.attn.block_tables, 1)
+            return self._compiled_decode[f"padded{size}"](fb)[:n]  # type: ignore[index]
         for t in (fb.input_ids, fb.positions, fb.attn.slot_mapping, fb.attn.seq_lens, fb.attn.block_tables,
                   fb.logits_indices, fb.attn.query_start_loc):
             mark(t, 0)

@@ -39,3 +39,22 @@ def test_compiled_decode_matches_eager(model_dir):
     assert together_c == together_e
     # buckets were compiled at start-up; new context lengths and batch sizes reuse them
     assert counters["stats"]["unique_graphs"] == graphs, "decode step was re-traced after warm-up"
+
+
+def test_padded_decode_batches_match_eager(model_dir):
+    # above the GEMV range (8 rows) decode batches are padded to a static size (here max_num_seqs =
+    # 10) over the scratch KV block; padded rows must not disturb the real ones or any cache block
+    kw = dict(dtype="float32", progress=False, max_num_seqs=10, num_blocks_override=64)
+    eager = LLM(str(model_dir), enforce_eager=True, **kw)
+    compiled = LLM(str(model_dir), enforce_eager=False, **kw)
+    runner = compiled.engine.runner
+    assert runner._compiled_decode is not None, "compile failed; see the warning in the log"
+    assert runner._padded_sizes == [10] and "padded10" in runner._compiled_decode
+    prompts = [{"prompt_token_ids": [7 + i, 3 * i + 1, 50 - i] * (i + 1)} for i in range(9)]  # batch 9 → 10
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    graphs = counters["stats"]["unique_graphs"]
+    got = [o.outputs[0].token_ids for o in compiled.generate(prompts, params)]
+    assert counters["stats"]["unique_graphs"] == graphs, "padded decode was re-traced after warm-up"
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    # the scratch block is outside what the block manager hands out
+    assert runner.scratch_block == compiled.engine.scheduler.block_manager.num_blocks
