@@ -182,7 +182,7 @@ class ModelRunner:
         static sizes (`_padded_sizes`), whose dense matmuls inductor max-autotunes. The context length
         is symbolic in every bucket, so no graph is re-traced after warm-up. Start-up with the
         default model (2 cores) takes a few minutes: each graph is compiled anew, frozen graphs
-        bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only.
+        bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only."""
         if self.num_blocks * self.block_size < 64:
             return
         self._logits(self._dummy_batch(1, 32))
