@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from shoal.backends.base import Platform
 from shoal.config import EngineConfig, ModelConfig
@@ -202,40 +203,55 @@ class ModelRunner:
             # (AMX-blocked) weights instead of a reorder on every call (a global setting: per-compile
             # options do not reach the freezing pass)
             inductor_config.freezing = os.environ.get("SHOAL_FREEZE", "1") == "1"
-            # batch-1 decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel
-            # (the matmuls, extern calls, still use every thread); parameters never change after
-            # warm-up, so their guards are skipped (the lookup cost ~0.8 ms a step)
-            opts: dict[str, Any] = {}
-            if os.environ.get("SHOAL_GUARDS") != "all":
-                opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            single = opts | {"cpp.threads": 1}
-            if not os.environ.get("SHOAL_PY_WRAPPER"):
-                single["cpp_wrapper"] = True
-            # padded batches have static shapes, so inductor can generate its own AMX GEMM kernels
-            # for their dense matmuls (max-autotune: it times them against oneDNN's, once per shape;
-            # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls)
-            padded = dict(opts)
-            if os.environ.get("SHOAL_MAX_AUTOTUNE", "1") != "0":
-                padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                           # no timing tables on the terminal
-                           "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-            self._compiled_decode = {
-                # dynamic=None: honour maybe_mark_dynamic (dynamic=False would specialise every size)
-                "single": torch.compile(_own_code(self._logits), dynamic=None, options=single),
-                "batched": torch.compile(_own_code(self._logits), dynamic=None, options=opts),
-                # one graph per padded size, each only ever called with its own size
-                **{f"padded{p}": torch.compile(_own_code(self._logits), dynamic=None, options=padded)
-                   for p in self._padded_sizes},
-            }
-            for i, b in enumerate(buckets):
-                msg = f"compiling the decode step: batch {b} ({i + 1}/{len(buckets)})"
-                log.info(msg)
-                if progress and sys.stderr.isatty():
-                    print(f"shoal: {msg}…", file=sys.stderr, flush=True)
-                self._run_compiled(self._dummy_batch(b, 1))
+            skip_guards = os.environ.get("SHOAL_GUARDS") != "all"
+            breaks = sum(counters["graph_break"].values())
+            self._compile_buckets(buckets, skip_guards, progress)
+            if skip_guards and sum(counters["graph_break"].values()) > breaks:
+                # the step did not compile as one graph (e.g. an MoE layer's data-dependent expert
+                # loop): each decoder layer's forward is then a frame of its own, shared by every
+                # layer, and without module guards the frame compiled for layer 0 would run every
+                # layer with layer 0's (frozen) weights. Compile again, keeping the guards, and
+                # without max-autotune: its GEMM kernels gave wrong tokens on per-layer frames
+                # (tiny DeepSeek-V3, float32; not understood yet, so not used there)
+                log.info("the decode step has graph breaks: recompiling with module guards, without max-autotune")
+                self._compile_buckets(buckets, False, progress, autotune=False)
         except Exception as exc:  # noqa: BLE001 — a model/backend the compiler cannot take runs eagerly
             log.warning("compiled decode unavailable (%s: %s); running eagerly", type(exc).__name__, exc)
             self._compiled_decode = None
+
+    def _compile_buckets(self, buckets: list[int], skip_guards: bool, progress: bool, autotune: bool = True) -> None:
+        # batch-1 decode kernels are tiny: one thread each beats an OpenMP fork/join per kernel
+        # (the matmuls, extern calls, still use every thread); parameters never change after
+        # warm-up, so their guards are skipped when the step is one graph (the lookup cost ~0.8 ms
+        # a step)
+        opts: dict[str, Any] = {}
+        if skip_guards:
+            opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        single = opts | {"cpp.threads": 1}
+        if not os.environ.get("SHOAL_PY_WRAPPER"):
+            single["cpp_wrapper"] = True
+        # padded batches have static shapes, so inductor can generate its own AMX GEMM kernels
+        # for their dense matmuls (max-autotune: it times them against oneDNN's, once per shape;
+        # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls)
+        padded = dict(opts)
+        if autotune and os.environ.get("SHOAL_MAX_AUTOTUNE", "1") != "0":
+            padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       # no timing tables on the terminal
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        self._compiled_decode = {
+            # dynamic=None: honour maybe_mark_dynamic (dynamic=False would specialise every size)
+            "single": torch.compile(_own_code(self._logits), dynamic=None, options=single),
+            "batched": torch.compile(_own_code(self._logits), dynamic=None, options=opts),
+            # one graph per padded size, each only ever called with its own size
+            **{f"padded{p}": torch.compile(_own_code(self._logits), dynamic=None, options=padded)
+               for p in self._padded_sizes},
+        }
+        for i, b in enumerate(buckets):
+            msg = f"compiling the decode step: batch {b} ({i + 1}/{len(buckets)})"
+            log.info(msg)
+            if progress and sys.stderr.isatty():
+                print(f"shoal: {msg}…", file=sys.stderr, flush=True)
+            self._run_compiled(self._dummy_batch(b, 1))
 
     @property
     def _padded_sizes(self) -> list[int]:

@@ -58,3 +58,22 @@ def test_padded_decode_batches_match_eager(model_dir):
     assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     # the scratch block is outside what the block manager hands out
     assert runner.scratch_block == compiled.engine.scheduler.block_manager.num_blocks
+
+
+def test_compiled_deepseek_decode_matches_eager(tmp_path):
+    # an MoE step does not compile as one graph: each decoder layer's forward becomes a frame shared
+    # by every layer. Without module guards the frame compiled for layer 0 ran every layer with
+    # layer 0's frozen weights (wrong tokens from the second one on); the runner now detects the
+    # graph breaks and recompiles with guards. Batch 4 (symbolic graph) and 9 (padded to 10).
+    from tests.parity.ds_utils import make_deepseek
+
+    d = make_deepseek(tmp_path / "ds", "v3")
+    kw = dict(dtype="float32", progress=False, max_num_seqs=10, num_blocks_override=128)
+    eager = LLM(str(d), enforce_eager=True, **kw)
+    compiled = LLM(str(d), enforce_eager=False, **kw)
+    assert compiled.engine.runner._compiled_decode is not None, "compile failed; see the warning in the log"
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for n in (4, 9):
+        prompts = [{"prompt_token_ids": [5 + i, 9, 17 + 2 * i] * (i + 1)} for i in range(n)]
+        got = [o.outputs[0].token_ids for o in compiled.generate(prompts, params)]
+        assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)], f"batch {n}"
