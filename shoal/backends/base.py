@@ -35,6 +35,9 @@ class Platform:
     device_type: str = "cpu"  # torch device type the tensors live on
     dist_backend: str = "gloo"  # torch.distributed backend for collectives on this device
     kv_block_size: int = 16  # tokens per paged-cache block the platform's kernels prefer
+    # compiled decode: batches up to this size share one graph with a symbolic batch size (the
+    # range of the platform's small-batch matmul kernels); larger ones are padded to static sizes
+    decode_small_batch_max: int = 8
     kv_layout: str = "NHD"  # "NHD" = cache [blocks, block_size, heads, dim]
     kv_cache_fraction: float = 0.9  # share of free memory (after weights) the KV cache takes by default
     kv_cache_max_bytes: int | None = None  # and at most this much (None: no cap)

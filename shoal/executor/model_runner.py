@@ -30,10 +30,6 @@ from shoal.models.registry import model_class
 
 log = logging.getLogger("shoal")
 
-# decode batches up to this size run the packed quantized GEMV (the CPU platform's PACKED_MAX_ROWS)
-# in one graph with a symbolic batch size; larger ones are padded to static sizes (`_padded_sizes`)
-_GEMV_MAX_BATCH = 8
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -259,7 +255,7 @@ class ModelRunner:
         and max_num_seqs): static shapes for the dense matmuls, a bounded number of graphs. The
         dense matmuls are memory-bound at these sizes, so padded rows cost little."""
         max_seqs = self.cfg.scheduler.max_num_seqs
-        if max_seqs <= _GEMV_MAX_BATCH:
+        if max_seqs <= self.platform.decode_small_batch_max:
             return []
         sizes = [p for p in (32, 64, 128, 256) if p < max_seqs]  # each graph costs ~1-2 min to compile
         return sizes + [max_seqs]
@@ -291,7 +287,7 @@ class ModelRunner:
         if fb.num_tokens == 1:
             return self._compiled_decode["single"](fb)  # type: ignore[index]
         n = fb.num_tokens
-        if n > _GEMV_MAX_BATCH:
+        if n > self.platform.decode_small_batch_max:
             size = next(p for p in self._padded_sizes if p >= n)
             fb = self._pad(fb, size)
             mark(fb.attn.block_tables, 1)

@@ -123,49 +123,37 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     prompt). Requests decoding one token in a mixed batch: all together through the decode kernel,
     not one masked SDPA each (~100 us a request and layer)."""
     hq, hkv = q.shape[1], k_cache.shape[2]
-    out = None
+    out = q.new_empty(q.shape[0], hq, v_cache.shape[-1])
     singles = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
     if len(singles) > 1 and kernels.decode_attention_supported(q, k_cache, v_cache):
         rows = torch.tensor(singles, dtype=torch.long)
         tokens = meta.query_start_loc.index_select(0, rows)
-        dec = _decode_kernel(q.index_select(0, tokens), k_cache, v_cache, meta.block_tables.index_select(0, rows),
-                             meta.seq_lens.index_select(0, rows), scale)
-        out = q.new_empty(q.shape[0], hq, v_cache.shape[-1])
-        out.index_copy_(0, tokens, dec)
-        singles = set(singles)
+        out.index_copy_(0, tokens, _decode_kernel(q.index_select(0, tokens), k_cache, v_cache,
+                                                  meta.block_tables.index_select(0, rows),
+                                                  meta.seq_lens.index_select(0, rows), scale))
+        done = set(singles)
     else:
-        singles = set()
-    outs = []
+        done = set()
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if i in singles:
-            start += n
-            continue
-        nblocks = -(-length // meta.block_size)
-        blocks = meta.block_tables[i, :nblocks]
-        k = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
-        qi = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
-        if n == length:
-            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], is_causal=True, scale=scale,
-                                               enable_gqa=hq != hkv)
-        else:
-            mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
-            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale,
-                                               enable_gqa=hq != hkv)
-        o = o[0].transpose(0, 1)
-        if out is not None:
-            out[start : start + n] = o
-        else:
-            outs.append(o)
+        if i not in done:
+            nblocks = -(-length // meta.block_size)
+            blocks = meta.block_tables[i, :nblocks]
+            k = k_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)  # [Hkv, L, D]
+            v = v_cache.index_select(0, blocks).flatten(0, 1)[:length].transpose(0, 1)
+            qi = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
+            mask = None if n == length else torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+            o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                               scale=scale, enable_gqa=hq != hkv)
+            out[start : start + n] = o[0].transpose(0, 1)
         start += n
-    if out is not None:
-        return out
-    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    return out
 
 
 def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The C decode kernel: the C++-registered operator (cheap from a compiled graph's C++ wrapper)
+    when it was built, else the Python-registered one."""
     if kernels.torch_ops():
         return torch.ops.shoal.decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
     return torch.ops.shoal.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
@@ -181,14 +169,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Prefill and mixed batches: `_prefill_attention`."""
     if not meta.decode_only:
         return _prefill_attention(q, k_cache, v_cache, meta, scale)
-    if kernels.decode_attention_supported(q, k_cache, v_cache):
-        if kernels.torch_ops():  # the C++-registered operator: cheap from a compiled graph's C++ wrapper
-            return torch.ops.shoal.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        # the Python-registered one: not in a compiled batch-1 step, whose C++ wrapper calls a Python
-        # op slowly (~60 us a layer)
-        if not (q.shape[0] == 1 and torch.compiler.is_compiling()):
-            return torch.ops.shoal.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                                          scale)
+    # without the C++-registered operator the Python-registered one runs, but not in a compiled
+    # batch-1 step, whose C++ wrapper calls a Python op slowly (~60 us a layer)
+    if kernels.decode_attention_supported(q, k_cache, v_cache) and (
+            kernels.torch_ops() or not (q.shape[0] == 1 and torch.compiler.is_compiling())):
+        return _decode_kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     tables = meta.block_tables
@@ -253,6 +238,7 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     kv_block_size = 16
+    decode_small_batch_max = PACKED_MAX_ROWS  # the packed quantized GEMV's range
     # RAM is shared with the OS and every other process: a quarter of what is available, ≤ 4 GiB
     kv_cache_fraction = 0.25
     kv_cache_max_bytes = 2 * 2**30  # zero-filling more costs seconds at start-up
