@@ -63,6 +63,73 @@ def test_paged_decode_attention_in_a_compiled_graph():
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
 
 
+def _amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("query_lens,contexts,hq,hkv,d,dv,bs", [
+    ([5], [0], 9, 3, 64, 64, 16),                          # one short prompt
+    ([16, 17, 140, 33], [0, 0, 0, 7], 9, 3, 64, 64, 16),   # tile-sized, ragged, a prefix
+    ([1, 40, 1, 1, 64], [20, 30, 50, 3, 0], 9, 3, 64, 64, 16),  # mixed: decode rows and chunks
+    ([300], [212], 4, 2, 128, 128, 32),                    # long context, D 128, 32-token blocks
+    ([20, 9], [3, 0], 8, 8, 64, 64, 16),                   # MHA
+    ([40], [0], 4, 2, 96, 80, 16),                         # D off 64, DV off 32
+])
+def test_cpu_prefill_attention_matches_native(query_lens, contexts, hq, hkv, d, dv, bs):
+    """The CPU platform's attention for prefill and mixed batches (AMX tiles where the CPU has
+    AMX-BF16, else SDPA per request) against the native twin in float64."""
+    from shoal.backends.cpu import paged_attention
+
+    g = torch.Generator().manual_seed(sum(query_lens) + d)
+    lens = [c + n for c, n in zip(contexts, query_lens)]
+    width = max(-(-n // bs) for n in lens)
+    nb = len(lens) * width + 3
+    tables = torch.randperm(nb, generator=g)[: len(lens) * width].view(len(lens), width)  # scattered blocks
+    kc = torch.randn(nb, bs, hkv, d, generator=g).bfloat16()
+    vc = torch.randn(nb, bs, hkv, dv, generator=g).bfloat16()
+    q = torch.randn(sum(query_lens), hq, d, generator=g).bfloat16()
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(q), dtype=torch.long), query_start_loc=torch.tensor(starts),
+        seq_lens=torch.tensor(lens), block_tables=tables, query_lens_cpu=query_lens, seq_lens_cpu=lens,
+        block_size=bs, max_query_len=max(query_lens), max_seq_len=max(lens))
+    scale = d**-0.5
+    out = torch.full((len(q), hq, dv), float("nan"), dtype=torch.bfloat16)
+    prompts = [i for i, n in enumerate(query_lens) if n > 1]
+    rows = torch.tensor(prompts)
+    used = kernels.prefill_attention(q, kc, vc, tables[rows], meta.query_start_loc[rows],
+                                     torch.tensor([query_lens[i] for i in prompts]), meta.seq_lens[rows], scale, out)
+    assert used == _amx_bf16()  # the tile kernel runs exactly where the CPU has AMX-BF16
+    got = paged_attention(q, kc, vc, meta, scale)
+    ref = native.paged_attention(q.double(), kc.double(), vc.double(), meta, scale)
+    torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=1e-2)
+    if used:  # the kernel alone wrote every prompt row, and only those
+        for i in range(len(query_lens)):
+            sl = slice(starts[i], starts[i + 1])
+            if query_lens[i] > 1:
+                torch.testing.assert_close(out[sl].double(), ref[sl], atol=1e-2, rtol=1e-2)
+            else:
+                assert out[sl].isnan().all()
+
+
+def test_cpu_prefill_attention_declines_what_it_does_not_cover():
+    q = torch.randn(4, 2, 64)
+    kc, vc = torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64)
+    args = (torch.tensor([[0]]), torch.tensor([0]), torch.tensor([4]), torch.tensor([4]), 0.125)
+    out = torch.zeros(4, 2, 64)
+    assert not kernels.prefill_attention(q, kc, vc, *args, out)  # fp32: SDPA runs instead
+    out = torch.zeros(4, 2, 40, dtype=torch.bfloat16)
+    assert not kernels.prefill_attention(q.bfloat16(), kc.bfloat16(), vc[..., :40].bfloat16().contiguous(),
+                                         *args, out)  # value rows of 40: not whole 16-column tiles
+    assert (out == 0).all()
+
+
 def _rot_inputs(t: int, heads: int, rot: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(t * 7 + heads)
     fused = torch.randn(t, heads * rot + 40, generator=g).to(dtype)  # q as a strided view of a fused qkv

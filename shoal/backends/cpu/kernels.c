@@ -487,3 +487,277 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * prefill_attention_amx: the prompt rows of a prefill or mixed batch against their paged K/V cache
+ * (already holding the new tokens), causal, on AMX-BF16 tiles. S sequences; sequence s has
+ * q_len[s] query rows starting at row q_start[s] of q [T, HQ, D] and seq_lens[s] cached tokens, the
+ * last q_len[s] of which are its queries (earlier ones are a prefix: prefix caching or an earlier
+ * chunk). Query i of s sees keys 0 .. seq_lens[s] - q_len[s] + i.
+ *
+ * Two passes. (1) per (sequence, KV head) the keys are laid out as the B operand of Q·Kᵀ (pairs of
+ * dimensions interleaved, 16 keys a tile row) and the values as the B operand of P·V (pairs of keys
+ * interleaved, zero past the end). (2) per (sequence, KV head, block of 16 query rows) and query
+ * head of the group: the scores of the block against every key it sees (fp32 tiles), an exact
+ * softmax per row (fp32; the probabilities rounded to bf16 for the tile product, as torch's CPU
+ * flash attention does), then P·V accumulated in fp32 tiles, normalised and rounded to bf16 once.
+ * Needs bf16, D % 32 == 0, DV % 16 == 0, BS % 16 == 0. Returns 0; -1 when a scratch allocation
+ * failed; -2 when AMX is not compiled in or the kernel does not grant it (the caller falls back).
+ * ------------------------------------------------------------------------------------------------ */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TILES 1
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static int amx_permitted(void) {
+    static int state = 0; /* 0 unknown, 1 granted, -1 refused */
+    if (state == 0) {
+        /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18); idempotent per process */
+        const long rc = syscall(SYS_arch_prctl, 0x1023, 18);
+        __atomic_store_n(&state, rc == 0 ? 1 : -1, __ATOMIC_RELAXED);
+    }
+    return state == 1;
+}
+
+static void amx_configure(void) { /* every tile 16 rows × 64 bytes */
+    struct tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* round 16 fp32 to bf16 (nearest even) */
+static inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+/* 2^t for t ≤ 0: a degree-4 polynomial for 2^f on [-0.5, 0.5] (relative error 3e-6; the
+ * probabilities are rounded to bf16 next), scaled back with vscalefps (0 for t far below -126) */
+static inline __m512 exp2_fast(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0096004092f), f, _mm512_set1_ps(0.0559169775f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402371863f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219847f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* pass 1 for one (sequence, KV head): keys t < len from the cache, zero from len to lk */
+static void amx_layout(const uint16_t *KC, const uint16_t *VC, const int64_t *tab, int64_t len, int64_t lk, int BS,
+                       int HKV, int h, int D, int DV, uint16_t *kt, uint16_t *vv) {
+    const int NC = D / 32, NJ = DV / 16;
+    /* Kt: one gather per (16 keys, dimension pair): the 16 keys of a tile sit in one cache block */
+    const __m512i rowstep = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(HKV * D / 2));
+    for (int64_t t0 = 0; t0 < lk; t0 += 16) {
+        const int64_t valid = len - t0 < 0 ? 0 : len - t0 < 16 ? len - t0 : 16;
+        const __mmask16 k = (__mmask16)((1u << valid) - 1);
+        uint32_t *kd = (uint32_t *)kt + (t0 / 16) * NC * 256;
+        const uint32_t *base = valid ? (const uint32_t *)(KC + ((tab[t0 / BS] * BS + t0 % BS) * HKV + h) * D) : NULL;
+        for (int r = 0; r < D / 2; r++) {
+            const __m512i v = valid ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, rowstep, base + r, 4)
+                                    : _mm512_setzero_si512();
+            _mm512_storeu_si512(kd + (r / 16) * 256 + (r % 16) * 16, v);
+        }
+    }
+    /* Vv: each pair of keys interleaved word by word, 32 value columns at a time */
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                        5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t t = 0; t < lk; t += 2) {
+        const uint16_t *row[2];
+        for (int u = 0; u < 2; u++)
+            row[u] = t + u < len ? VC + ((tab[(t + u) / BS] * BS + (t + u) % BS) * HKV + h) * DV : NULL;
+        uint16_t *vd = vv + (t / 32) * NJ * 512 + ((t % 32) / 2) * 32;
+        int j = 0;
+        for (; 2 * j + 2 <= NJ; j += 2) {
+            const __m512i a = row[0] ? _mm512_loadu_si512(row[0] + j * 16) : _mm512_setzero_si512();
+            const __m512i b = row[1] ? _mm512_loadu_si512(row[1] + j * 16) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vd + j * 512, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(vd + (j + 1) * 512, _mm512_permutex2var_epi16(a, hi, b));
+        }
+        for (; j < NJ; j++)
+            for (int n = 0; n < 16; n++)
+                for (int u = 0; u < 2; u++) vd[j * 512 + n * 2 + u] = row[u] ? row[u][j * 16 + n] : 0;
+    }
+}
+#endif
+
+int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
+                          const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
+                          int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads) {
+#ifndef AMX_TILES
+    (void)q, (void)k_cache, (void)v_cache, (void)tables, (void)q_start, (void)q_len, (void)seq_lens, (void)out;
+    (void)S, (void)HQ, (void)HKV, (void)D, (void)DV, (void)BS, (void)W, (void)scale, (void)nthreads;
+    return -2;
+#else
+    if (D % 32 || DV % 16 || BS % 16 || HQ % HKV || !amx_permitted()) return -2;
+    const int G = HQ / HKV;
+    const uint16_t *Q = q, *KC = k_cache, *VC = v_cache;
+    uint16_t *O = out;
+    /* pass-1 layout offsets: per (s, h) Lk = seq_len rounded up to 32 keys */
+    int64_t *off = malloc(sizeof(int64_t) * ((size_t)S + 1));
+    if (!off) return -1;
+    int64_t max_lk = 32;
+    off[0] = 0;
+    for (int s = 0; s < S; s++) {
+        const int64_t lk = (seq_lens[s] + 31) / 32 * 32;
+        max_lk = lk > max_lk ? lk : max_lk;
+        off[s + 1] = off[s] + lk * HKV * (D + DV);
+    }
+    uint16_t *lay = aligned_alloc(64, sizeof(uint16_t) * (size_t)(off[S] > 0 ? off[S] : 32));
+    if (!lay) {
+        free(off);
+        return -1;
+    }
+    /* pass 1: Kt[s][h][key block kb of 16][dim chunk c of 32][pair r][key n][2] and
+     * Vv[s][h][key pair block of 32][value chunk j of 16][pair r][column n][2] */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t item = 0; item < (int64_t)S * HKV; item++) {
+        const int s = (int)(item / HKV), h = (int)(item % HKV);
+        const int64_t lk = (seq_lens[s] + 31) / 32 * 32;
+        uint16_t *kt = lay + off[s] + (int64_t)h * lk * (D + DV);
+        amx_layout(KC, VC, tables + (int64_t)s * W, seq_lens[s], lk, BS, HKV, h, D, DV, kt, kt + lk * D);
+    }
+    /* pass 2: work items (s, h, block of 16 query rows), indexed through a prefix sum */
+    int64_t *first = malloc(sizeof(int64_t) * ((size_t)S + 1));
+    if (!first) {
+        free(lay), free(off);
+        return -1;
+    }
+    first[0] = 0;
+    for (int s = 0; s < S; s++) first[s + 1] = first[s] + (q_len[s] + 15) / 16 * HKV;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: Q block [16][D] bf16, scores [16][max_lk] fp32, P [16][max_lk] bf16, O [16][64] fp32 */
+        char *buf = aligned_alloc(64, (size_t)16 * D * 2 + (size_t)16 * max_lk * 6 + 16 * 64 * 4);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            uint16_t *qb = (uint16_t *)buf;
+            float *sc = (float *)(buf + (size_t)16 * D * 2);
+            uint16_t *pb = (uint16_t *)(sc + (size_t)16 * max_lk);
+            float *ob = (float *)(pb + (size_t)16 * max_lk);
+            amx_configure();
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < first[S]; item++) {
+                int s = 0;
+                while (first[s + 1] <= item) s++;
+                const int64_t rel = item - first[s];
+                const int h = (int)(rel % HKV), blk = (int)(rel / HKV);
+                const int64_t n = q_len[s], len = seq_lens[s], lk = (len + 31) / 32 * 32;
+                const int64_t i0 = (int64_t)blk * 16, rows = n - i0 < 16 ? n - i0 : 16;
+                const int64_t pos0 = len - n + i0;            /* position of the block's first query */
+                const int64_t seen = pos0 + rows;             /* keys the block's last row sees */
+                const int64_t kblocks = (seen + 15) / 16, pairs = (seen + 31) / 32;
+                const uint16_t *kt = lay + off[s] + (int64_t)h * lk * (D + DV), *vv = kt + lk * D;
+                const int NC = D / 32, NJ = DV / 16;
+                for (int g = 0; g < G; g++) {
+                    const int hq = h * G + g;
+                    for (int64_t i = 0; i < 16; i++) {
+                        if (i < rows) memcpy(qb + i * D, Q + ((q_start[s] + i0 + i) * HQ + hq) * D, (size_t)D * 2);
+                        else memset(qb + i * D, 0, (size_t)D * 2);
+                    }
+                    /* scores: tile 0 = C, 1 = Q chunk, 2 = Kt chunk */
+                    for (int64_t kb = 0; kb < kblocks; kb++) {
+                        _tile_zero(0);
+                        for (int c = 0; c < NC; c++) {
+                            _tile_loadd(1, qb + c * 32, D * 2);
+                            _tile_loadd(2, kt + (kb * NC + c) * 512, 64);
+                            _tile_dpbf16ps(0, 1, 2);
+                        }
+                        _tile_stored(0, sc + kb * 16, max_lk * 4);
+                    }
+                    /* softmax per row over keys 0 .. pos0 + i; P zero past them up to the pair block */
+                    float inv[16];
+                    const float l2 = scale * 1.44269504088896341f; /* exp(scale·x) = 2^(l2·x) */
+                    const __m512 vl2 = _mm512_set1_ps(l2);
+                    for (int64_t i = 0; i < 16; i++) {
+                        float *row = sc + i * max_lk;
+                        uint16_t *prow = pb + i * max_lk;
+                        const int64_t m = i < rows ? pos0 + i + 1 : 0;
+                        __m512 vmax = _mm512_set1_ps(-INFINITY);
+                        int64_t t = 0;
+                        for (; t + 16 <= m; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(row + t));
+                        if (t < m) vmax = _mm512_mask_max_ps(vmax, (__mmask16)((1u << (m - t)) - 1), vmax,
+                                                             _mm512_loadu_ps(row + t));
+                        const __m512 mx = _mm512_set1_ps(m ? _mm512_reduce_max_ps(vmax) * l2 : 0.f);
+                        __m512 vsum = _mm512_setzero_ps();
+                        for (t = 0; t + 16 <= m; t += 16) {
+                            const __m512 e = exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx));
+                            vsum = _mm512_add_ps(vsum, e);
+                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
+                        }
+                        if (t < m) {
+                            const __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << (m - t)) - 1),
+                                                                 exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx)));
+                            vsum = _mm512_add_ps(vsum, e);
+                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
+                            t += 16;
+                        }
+                        for (; t < pairs * 32; t += 16) _mm256_storeu_si256((__m256i *)(prow + t), _mm256_setzero_si256());
+                        const float sum = _mm512_reduce_add_ps(vsum);
+                        inv[i] = sum > 0.f ? 1.f / sum : 0.f;
+                    }
+                    /* P·V, 64 value columns at a time: tiles 4..7 = C, 0 = P chunk, 1 = V chunk */
+                    for (int j0 = 0; j0 < NJ; j0 += 4) {
+                        const int nj = NJ - j0 < 4 ? NJ - j0 : 4;
+                        for (int j = 0; j < nj; j++) switch (j) {
+                            case 0: _tile_zero(4); break;
+                            case 1: _tile_zero(5); break;
+                            case 2: _tile_zero(6); break;
+                            default: _tile_zero(7);
+                        }
+                        for (int64_t p = 0; p < pairs; p++) {
+                            _tile_loadd(0, pb + p * 32, max_lk * 2);
+                            const uint16_t *vt = vv + (p * NJ + j0) * 512;
+                            _tile_loadd(1, vt, 64);
+                            _tile_dpbf16ps(4, 0, 1);
+                            if (nj > 1) {
+                                _tile_loadd(1, vt + 512, 64);
+                                _tile_dpbf16ps(5, 0, 1);
+                            }
+                            if (nj > 2) {
+                                _tile_loadd(1, vt + 1024, 64);
+                                _tile_dpbf16ps(6, 0, 1);
+                            }
+                            if (nj > 3) {
+                                _tile_loadd(1, vt + 1536, 64);
+                                _tile_dpbf16ps(7, 0, 1);
+                            }
+                        }
+                        _tile_stored(4, ob, 256);
+                        if (nj > 1) _tile_stored(5, ob + 16, 256);
+                        if (nj > 2) _tile_stored(6, ob + 32, 256);
+                        if (nj > 3) _tile_stored(7, ob + 48, 256);
+                        for (int64_t i = 0; i < rows; i++) {
+                            uint16_t *dst = O + ((q_start[s] + i0 + i) * HQ + hq) * DV + j0 * 16;
+                            const __m512 vinv = _mm512_set1_ps(inv[i]);
+                            for (int j = 0; j < nj; j++)
+                                _mm256_storeu_si256((__m256i *)(dst + j * 16),
+                                                    bf16x16(_mm512_mul_ps(_mm512_loadu_ps(ob + i * 64 + j * 16), vinv)));
+                        }
+                    }
+                }
+            }
+            _tile_release();
+        }
+        free(buf);
+    }
+    free(first), free(lay), free(off);
+    return failed ? -1 : 0;
+#endif
+}

@@ -163,6 +163,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.qgemv_fast.restype = i32
     lib.qgemv_fast.argtypes = []
+    lib.prefill_attention_amx.restype = i32
+    lib.prefill_attention_amx.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
     return lib
 
 
@@ -209,6 +211,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
       seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      q_start: torch.Tensor, q_len: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                      out: torch.Tensor) -> bool:
+    """Causal prompt attention on AMX tiles (kernels.c `prefill_attention_amx`): for each sequence s,
+    query rows q_start[s] .. + q_len[s] of q [T, Hq, D] against its seq_lens[s] cached tokens (the
+    last q_len[s] of them are the queries' own); writes those rows of out [T, Hq, Dv]. False (out
+    untouched) when it does not apply here: no AMX-BF16, not bf16, or unsupported head sizes."""
+    lib = library()
+    if (lib is None or q.dtype != torch.bfloat16 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous())
+            or torch.compiler.is_compiling()):
+        return False
+    q = q.contiguous()
+    i64 = [t.to(torch.int64).contiguous() for t in (block_tables, q_start, q_len, seq_lens)]
+    _, bs, hkv, dv = v_cache.shape
+    rc = lib.prefill_attention_amx(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *(t.data_ptr() for t in i64),
+                                   out.data_ptr(), len(i64[3]), q.shape[1], hkv, q.shape[2], dv, bs,
+                                   i64[0].shape[1], scale, torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("prefill_attention: scratch allocation failed")
+    return rc == 0
 
 
 _FLOATS = (torch.bfloat16, torch.float32)
