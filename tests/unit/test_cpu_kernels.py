@@ -11,6 +11,7 @@ import torch
 
 from shoal.backends import native
 from shoal.backends.cpu import kernels
+from tests.cpuinfo import has_cpu_flag
 from shoal.executor.forward_batch import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
@@ -63,14 +64,6 @@ def test_paged_decode_attention_in_a_compiled_graph():
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
 
 
-def _amx_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("query_lens,contexts,hq,hkv,d,dv,bs", [
     ([5], [0], 9, 3, 64, 64, 16),                          # one short prompt
     ([16, 17, 140, 33], [0, 0, 0, 7], 9, 3, 64, 64, 16),   # tile-sized, ragged, a prefix
@@ -105,7 +98,7 @@ def test_cpu_prefill_attention_matches_native(query_lens, contexts, hq, hkv, d, 
     rows = torch.tensor(prompts)
     used = kernels.prefill_attention(q, kc, vc, tables[rows], meta.query_start_loc[rows],
                                      torch.tensor([query_lens[i] for i in prompts]), meta.seq_lens[rows], scale, out)
-    assert used == _amx_bf16()  # the tile kernel runs exactly where the CPU has AMX-BF16
+    assert used == has_cpu_flag("amx_bf16")  # the tile kernel runs exactly where the CPU has AMX-BF16
     got = paged_attention(q, kc, vc, meta, scale)
     ref = native.paged_attention(q.double(), kc.double(), vc.double(), meta, scale)
     torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=1e-2)

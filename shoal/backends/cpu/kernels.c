@@ -504,38 +504,8 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
  * Needs bf16, D % 32 == 0, DV % 16 == 0, BS % 16 == 0. Returns 0; -1 when a scratch allocation
  * failed; -2 when AMX is not compiled in or the kernel does not grant it (the caller falls back).
  * ------------------------------------------------------------------------------------------------ */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AMX_TILES 1
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-static int amx_permitted(void) {
-    static int state = 0; /* 0 unknown, 1 granted, -1 refused */
-    if (state == 0) {
-        /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18); idempotent per process */
-        const long rc = syscall(SYS_arch_prctl, 0x1023, 18);
-        __atomic_store_n(&state, rc == 0 ? 1 : -1, __ATOMIC_RELAXED);
-    }
-    return state == 1;
-}
-
-static void amx_configure(void) { /* every tile 16 rows × 64 bytes */
-    struct tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
-
+#include "amx.h"
+#ifdef AMX_TILES
 /* round 16 fp32 to bf16 (nearest even) */
 static inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
@@ -715,34 +685,12 @@ int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cach
                     /* P·V, 64 value columns at a time: tiles 4..7 = C, 0 = P chunk, 1 = V chunk */
                     for (int j0 = 0; j0 < NJ; j0 += 4) {
                         const int nj = NJ - j0 < 4 ? NJ - j0 : 4;
-                        for (int j = 0; j < nj; j++) switch (j) {
-                            case 0: _tile_zero(4); break;
-                            case 1: _tile_zero(5); break;
-                            case 2: _tile_zero(6); break;
-                            default: _tile_zero(7);
-                        }
+                        for (int j = 0; j < nj; j++) amx_zero(4 + j);
                         for (int64_t p = 0; p < pairs; p++) {
                             _tile_loadd(0, pb + p * 32, max_lk * 2);
-                            const uint16_t *vt = vv + (p * NJ + j0) * 512;
-                            _tile_loadd(1, vt, 64);
-                            _tile_dpbf16ps(4, 0, 1);
-                            if (nj > 1) {
-                                _tile_loadd(1, vt + 512, 64);
-                                _tile_dpbf16ps(5, 0, 1);
-                            }
-                            if (nj > 2) {
-                                _tile_loadd(1, vt + 1024, 64);
-                                _tile_dpbf16ps(6, 0, 1);
-                            }
-                            if (nj > 3) {
-                                _tile_loadd(1, vt + 1536, 64);
-                                _tile_dpbf16ps(7, 0, 1);
-                            }
+                            for (int j = 0; j < nj; j++) amx_dp(4 + j, vv + (p * NJ + j0 + j) * 512);
                         }
-                        _tile_stored(4, ob, 256);
-                        if (nj > 1) _tile_stored(5, ob + 16, 256);
-                        if (nj > 2) _tile_stored(6, ob + 32, 256);
-                        if (nj > 3) _tile_stored(7, ob + 48, 256);
+                        for (int j = 0; j < nj; j++) amx_store(4 + j, ob + 16 * j, 256);
                         for (int64_t i = 0; i < rows; i++) {
                             uint16_t *dst = O + ((q_start[s] + i0 + i) * HQ + hq) * DV + j0 * 16;
                             const __m512 vinv = _mm512_set1_ps(inv[i]);

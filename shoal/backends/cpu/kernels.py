@@ -1,6 +1,7 @@
 """shoal's own CPU kernels (kernels.c, qgemv.c): compiled on first use with the system C compiler,
 cached on disk and called through ctypes. When a C++ compiler and torch's headers are present,
-ops.cpp is linked in too and registers `shoal::quant_gemv` and `shoal::decode_attention` as C++
+ops.cpp is linked in too and registers `shoal::quant_gemv`, `shoal::quant_gemm` and
+`shoal::decode_attention` as C++
 torch operators, which a compiled graph's C++ wrapper calls without a trip through Python.
 Everything here has a plain-torch twin; when no compiler is found (or `SHOAL_CPU_KERNELS=0`) the
 twin runs instead, after one log line saying why.
@@ -29,12 +30,13 @@ log = logging.getLogger("shoal")
 
 _DIR = Path(__file__).parent
 _C_SOURCES = ("kernels.c", "qgemv.c")
-_C_HEADERS = ("scalar.h",)
+_C_HEADERS = ("scalar.h", "amx.h")
 _CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's headers)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / decode_attention exist
+_amx_gemm = False  # quant_gemm_amx compiled in and AMX granted to this process (asked once, at load)
 
 
 def cache_dir() -> Path:
@@ -124,7 +126,7 @@ def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
 
 
 def _compile() -> ctypes.CDLL | None:
-    global _cxx_ops
+    global _cxx_ops, _amx_gemm
     if os.environ.get("SHOAL_CPU_KERNELS", "1") == "0":
         log.info("shoal CPU kernels disabled (SHOAL_CPU_KERNELS=0): plain-torch ops run instead")
         return None
@@ -163,8 +165,13 @@ def _compile() -> ctypes.CDLL | None:
     lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.qgemv_fast.restype = i32
     lib.qgemv_fast.argtypes = []
+    lib.quant_gemm_amx.restype = i32
+    lib.quant_gemm_amx.argtypes = [vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
+    lib.quant_gemm_amx_available.restype = i32
+    lib.quant_gemm_amx_available.argtypes = []
     lib.prefill_attention_amx.restype = i32
     lib.prefill_attention_amx.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
+    _amx_gemm = bool(lib.quant_gemm_amx_available())
     return lib
 
 
@@ -309,6 +316,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("shoal::quant_gemm")
+    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n))
+
     @torch.library.register_fake("shoal::decode_attention")
     def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -318,6 +329,16 @@ def _register_fakes() -> None:
 def torch_ops() -> bool:
     """True when the kernels are also torch operators implemented in C++ (ops.cpp)."""
     return library() is not None and _cxx_ops
+
+
+# rows the AMX int4 kernel (qgemv.c quant_gemm_amx) takes: four 16-row activation tiles at most
+QUANT_GEMM_MAX_ROWS = 64
+
+
+def quant_gemm_supported(n: int, k: int) -> bool:
+    """The AMX-BF16 int4 × bf16 kernel is built here as a torch operator, the CPU grants AMX to this
+    process, and an [n, k] weight fits its tiles (n a multiple of 16, k even)."""
+    return library() is not None and _cxx_ops and _amx_gemm and n % 16 == 0 and k % 2 == 0
 
 
 def gemv_fast() -> bool:

@@ -11,6 +11,8 @@
 extern "C" {
 int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
+int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
+                   uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads);
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS, int W,
                            float scale, int is_bf16, int nthreads);
@@ -41,6 +43,26 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     return y;
 }
 
+// x [M, K] bf16 (9..64 rows, contiguous rows); an int4 weight from kernels.repack_int4; AMX tiles
+at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
+                         int64_t n) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
+    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemm: x must be [M, K] with contiguous rows");
+    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "quant_gemm: packed weight not contiguous");
+    const int64_t m = x.size(0), k = x.size(1), kp = (k + 63) / 64 * 64;
+    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * kp / 2, "quant_gemm: packed weight shape");
+    auto y = at::empty({m, n}, x.options());
+    if (m == 0 || n == 0) return y;
+    const int rc = quant_gemm_amx(reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
+                                  w0.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w1.data_ptr()),
+                                  reinterpret_cast<const uint16_t *>(w2.data_ptr()),
+                                  reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(m), n,
+                                  static_cast<int>(k), at::get_num_threads());
+    TORCH_CHECK(rc != -1, "quant_gemm: scratch allocation failed");
+    TORCH_CHECK(rc == 0, "quant_gemm: not available for this shape or CPU (check kernels.quant_gemm_supported)");
+    return y;
+}
+
 at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
                                const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
     check_float(q, "decode_attention: q");
@@ -68,11 +90,13 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
 
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
     m.def("quant_gemv(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
+    m.def("quant_gemm(Tensor x, Tensor w0, Tensor w1, Tensor w2, int n) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
     m.impl("quant_gemv", &quant_gemv_op);
+    m.impl("quant_gemm", &quant_gemm_op);
     m.impl("decode_attention", &decode_attention_op);
 }

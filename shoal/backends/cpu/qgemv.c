@@ -300,3 +300,167 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * quant_gemm_amx: an int4 weight in the layout above against 9–64 bf16 activation rows (batched
+ * decode), on AMX-BF16 tiles. Unlike quant_gemv the activations stay bf16: each weight block is
+ * decoded to bf16 (w = s·q + m rounded once, through a 32-entry table per pair of groups and one
+ * vpermw per 32 weights) into an A tile of 16 output rows × 32 lane-order positions, and the
+ * activations are laid out once per call as the matching B tiles (pairs of K positions × rows).
+ * Products accumulate in fp32 tiles over the whole of K; y is rounded to bf16 once.
+ * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no AMX, N % 16, K odd,
+ * M > 64): the caller runs another kernel.
+ * ------------------------------------------------------------------------------------------------ */
+#include "amx.h"
+#if QG_FAST && defined(AMX_TILES)
+#define QG_AMX 1
+
+/* the table for one pair of groups: words 0–15 are s_A·q + m_A for q = 0..15, words 16–31 group B's
+ * (s, m: the pair's two scales and offsets, already fp32) */
+static inline __m512i qg_table(const float *s, const float *m) {
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 a = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[0]), _mm512_set1_ps(m[0]));
+    const __m512 b = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[1]), _mm512_set1_ps(m[1]));
+    return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+}
+
+/* 64 lane-order codes (one byte each, 0..15) of one pair → two A-tile rows of 32 bf16 */
+static inline void qg_decode_pair(__m512i codes, __m512i table, uint16_t *row0, uint16_t *row1) {
+    /* word w of a row is lane position w (or 32 + w), which belongs to group (w >> 2) & 1 */
+    const long long B = 0x0010001000100010LL; /* words 4–7 of every 8 */
+    const __m512i group = _mm512_set_epi64(B, 0, B, 0, B, 0, B, 0);
+    const __m512i i0 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), group);
+    const __m512i i1 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), group);
+    _mm512_store_si512(row0, _mm512_permutexvar_epi16(i0, table));
+    _mm512_store_si512(row1, _mm512_permutexvar_epi16(i1, table));
+}
+
+/* an asm statement: GCC deletes _mm_prefetch loops whose results it considers unused */
+#ifndef QG_AHEAD
+#define QG_AHEAD 1 /* blocks of 16 output rows prefetched ahead */
+#endif
+static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+
+#endif
+
+int quant_gemm_amx_available(void) {
+#ifdef QG_AMX
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales,
+                   const uint16_t *offs, uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads) {
+#ifndef QG_AMX
+    (void)x, (void)ldx, (void)codes, (void)scales, (void)offs, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    (void)nthreads;
+    return -2;
+#else
+    if (M < 1 || M > 64 || N % 16 || K % 2 || !amx_permitted()) return -2;
+    const int Kp = (K + 63) / 64 * 64, P = Kp / 64, KC = Kp / 32, MB = (M + 15) / 16, Gp = Kp / 32;
+    /* B tiles: xb[kc][mb] = 16 rows (dword r of the chunk) × 16 activation rows, 1 KB each. Chunk kc
+     * is half kc & 1 of pair kc >> 1; lane dword d of a pair holds x dword 16·((d>>1)&1) + 2·(d>>2) + (d&1) */
+    uint32_t *xb = aligned_alloc(64, (size_t)KC * MB * 1024);
+    if (!xb) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32((int)(ldx / 2)));
+#pragma omp for schedule(static)
+        for (int kc = 0; kc < KC; kc++) {
+            for (int mb = 0; mb < MB; mb++) {
+                const int valid = M - 16 * mb < 16 ? M - 16 * mb : 16;
+                const __mmask16 mk = (__mmask16)((1u << valid) - 1);
+                const uint32_t *base = (const uint32_t *)(x + (int64_t)16 * mb * ldx);
+                uint32_t *dst = xb + ((int64_t)kc * MB + mb) * 256;
+                for (int r = 0; r < 16; r++) {
+                    const int d = (kc & 1) * 16 + r;
+                    const int src = (kc >> 1) * 32 + 16 * ((d >> 1) & 1) + 2 * (d >> 2) + (d & 1);
+                    const __m512i v = src < K / 2 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, rows, base + src, 4)
+                                                  : _mm512_setzero_si512();
+                    _mm512_store_si512(dst + r * 16, v);
+                }
+            }
+        }
+        /* A tiles for one 64-byte block: 4 chunks × 16 rows × 32 bf16; C staging 16 × 16 fp32; the
+         * block's scales and offsets in fp32 (16 rows × Gp each, converted 16 at a time) */
+        const size_t sfp = ((size_t)16 * Gp + 15) / 16 * 16;
+        uint16_t *ab = aligned_alloc(64, 4 * 1024 + 1024 + 2 * sfp * 4);
+        if (!ab) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *cs = (float *)(ab + 4 * 512), *sf = cs + 256, *mf = sf + sfp;
+            amx_configure();
+            const __m512i low = _mm512_set1_epi8(0x0f);
+#pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < N / 16; nb++) {
+                /* the next block's codes and scales into L1 while this one computes (the hardware
+                 * prefetcher does not follow 16 strided rows: loads stalled on DRAM without this) */
+                if (nb + QG_AHEAD < N / 16) {
+                    const uint8_t *nc = codes + (nb + QG_AHEAD) * 16 * (int64_t)P * 32;
+                    for (int64_t o = 0; o < 16 * (int64_t)P * 32; o += 64) qg_prefetch(nc + o);
+                    const uint16_t *ns = scales + (nb + QG_AHEAD) * 16 * Gp, *nm = offs + (nb + QG_AHEAD) * 16 * Gp;
+                    for (int64_t o = 0; o < 16 * (int64_t)Gp; o += 32) qg_prefetch(ns + o), qg_prefetch(nm + o);
+                }
+                {
+                    const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
+                    int64_t o = 0;
+                    for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
+                        _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
+                        _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
+                    }
+                    for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
+                }
+                for (int mb = 0; mb < MB; mb++) amx_zero(2 + mb);
+                for (int p = 0; p < P; p += 2) {
+                    const int two = p + 2 <= P; /* a full 64-byte block of two pairs, else the 32-byte tail */
+                    for (int i = 0; i < 16; i++) {
+                        const int64_t n = nb * 16 + i;
+                        const uint8_t *c = codes + n * (int64_t)P * 32 + 32 * p;
+                        const float *s = sf + i * Gp + 2 * p, *m = mf + i * Gp + 2 * p;
+                        if (two) {
+                            const __m512i v = _mm512_loadu_si512((const void *)c);
+                            qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
+                            qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2),
+                                           ab + 1024 + i * 32, ab + 1536 + i * 32);
+                        } else { /* byte j: value j low, value j + 32 high */
+                            const __m256i v = _mm256_loadu_si256((const void *)c);
+                            const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+                            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
+                            qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m),
+                                           ab + i * 32, ab + 512 + i * 32);
+                        }
+                    }
+                    for (int q = 0; q < (two ? 4 : 2); q++) {
+                        const int kc = 2 * p + q;
+                        _tile_loadd(0, ab + q * 512, 64);
+                        for (int mb = 0; mb < MB; mb++) amx_dp(2 + mb, xb + ((int64_t)kc * MB + mb) * 256);
+                    }
+                }
+                /* C[i][j] = output row nb·16 + i of activation row mb·16 + j → y[row][n] */
+                for (int mb = 0; mb < MB; mb++) {
+                    amx_store(2 + mb, cs, 64);
+                    const int valid = M - 16 * mb < 16 ? M - 16 * mb : 16;
+                    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                           _mm512_set1_epi32(16));
+                    for (int j = 0; j < valid; j++) {
+                        const __m512 v = _mm512_i32gather_ps(col, cs + j, 4);
+                        _mm256_storeu_si256((__m256i *)(y + (int64_t)(16 * mb + j) * ldy + nb * 16),
+                                            (__m256i)_mm512_cvtneps_pbh(v));
+                    }
+                }
+            }
+            _tile_release();
+        }
+        free(ab);
+    }
+    free(xb);
+    return failed ? -1 : 0;
+#endif
+}
