@@ -165,6 +165,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.qgemv_fast.restype = i32
     lib.qgemv_fast.argtypes = []
+    lib.qgemv_set_prefetch.restype = i32
+    lib.qgemv_set_prefetch.argtypes = [i32]
     lib.quant_gemm_amx.restype = i32
     lib.quant_gemm_amx.argtypes = [vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
     lib.quant_gemm_amx_available.restype = i32

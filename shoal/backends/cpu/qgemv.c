@@ -37,6 +37,18 @@
 #define QG_MAXR 4   /* activation rows per pass over the weights */
 #define QG_CHUNK 64 /* output rows per work item */
 #define QG_STACK 16384 /* bytes of quantized activations kept on the stack */
+/* GEMV: weight rows prefetched ahead of the one being read (0: none); a variable so that a
+ * benchmark can compare settings in one process (qgemv_set_prefetch) */
+static int qg_pf_rows = 8;
+int qgemv_set_prefetch(int rows) {
+    const int old = qg_pf_rows;
+    qg_pf_rows = rows < 0 ? 0 : rows;
+    return old;
+}
+#ifndef QG_AHEAD
+#define QG_AHEAD 1 /* blocks of 16 output rows prefetched ahead */
+#endif
+static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
 
 /* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
 int qgemv_fast(void) { return QG_FAST; }
@@ -118,6 +130,11 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *codes
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = codes + n * (int64_t)P * 32;
         const uint16_t *s = scales + n * Gp;
+        if (qg_pf_rows) { /* a later row's codes, scales and offsets (the hardware prefetcher alone leaves
+                      * the loads waiting on DRAM); prefetches never fault, so no bound check */
+            for (int o = 0; o < P * 32; o += 64) qg_prefetch(c + (int64_t)qg_pf_rows * P * 32 + o);
+            qg_prefetch(s + (int64_t)qg_pf_rows * Gp), qg_prefetch(offs + (n + qg_pf_rows) * Gp);
+        }
         __m512 acc[QG_MAXR], acc2[QG_MAXR]; /* two chains: even and odd pairs */
         for (int r = 0; r < R; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
         int p = 0;
@@ -178,6 +195,8 @@ static inline __attribute__((always_inline)) void int8_rows(const uint8_t *wq, c
     const int Gp = 2 * P;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *c = wq + n * (int64_t)Kp;
+        if (qg_pf_rows)
+            for (int o = 0; o < Kp; o += 64) qg_prefetch(c + (int64_t)qg_pf_rows * Kp + o);
         __m512 acc[QG_MAXR];
         for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
         for (int p = 0; p < P; p++) {
@@ -336,10 +355,6 @@ static inline void qg_decode_pair(__m512i codes, __m512i table, uint16_t *row0, 
 }
 
 /* an asm statement: GCC deletes _mm_prefetch loops whose results it considers unused */
-#ifndef QG_AHEAD
-#define QG_AHEAD 1 /* blocks of 16 output rows prefetched ahead */
-#endif
-static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
 
 #endif
 
