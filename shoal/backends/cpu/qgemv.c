@@ -45,9 +45,6 @@ int qgemv_set_prefetch(int rows) {
     qg_pf_rows = rows < 0 ? 0 : rows;
     return old;
 }
-#ifndef QG_AHEAD
-#define QG_AHEAD 1 /* blocks of 16 output rows prefetched ahead */
-#endif
 static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
 
 /* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
@@ -415,14 +412,6 @@ int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const u
             const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < N / 16; nb++) {
-                /* the next block's codes and scales into L1 while this one computes (the hardware
-                 * prefetcher does not follow 16 strided rows: loads stalled on DRAM without this) */
-                if (nb + QG_AHEAD < N / 16) {
-                    const uint8_t *nc = codes + (nb + QG_AHEAD) * 16 * (int64_t)P * 32;
-                    for (int64_t o = 0; o < 16 * (int64_t)P * 32; o += 64) qg_prefetch(nc + o);
-                    const uint16_t *ns = scales + (nb + QG_AHEAD) * 16 * Gp, *nm = offs + (nb + QG_AHEAD) * 16 * Gp;
-                    for (int64_t o = 0; o < 16 * (int64_t)Gp; o += 32) qg_prefetch(ns + o), qg_prefetch(nm + o);
-                }
                 {
                     const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
                     int64_t o = 0;
@@ -439,6 +428,13 @@ int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const u
                         const int64_t n = nb * 16 + i;
                         const uint8_t *c = codes + n * (int64_t)P * 32 + 32 * p;
                         const float *s = sf + i * Gp + 2 * p, *m = mf + i * Gp + 2 * p;
+                        /* this row's line of the next block (16 rows on), one prefetch per load so
+                         * they spread over the block's work (a burst per block waits on the line
+                         * fill buffers): eager 32-row decode 2.23 -> 1.98 s, vs 2.09 with a burst */
+                        if (nb + 1 < N / 16) {
+                            qg_prefetch(c + 16 * (int64_t)P * 32);
+                            if (p == 0) qg_prefetch(scales + (n + 16) * Gp), qg_prefetch(offs + (n + 16) * Gp);
+                        }
                         if (two) {
                             const __m512i v = _mm512_loadu_si512((const void *)c);
                             qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
