@@ -151,21 +151,26 @@ def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("m,n,k", [(9, 960, 576), (16, 64, 64), (32, 3072, 576), (33, 576, 1536), (64, 48, 160),
                                    (20, 16, 96), (40, 32, 224)])
-def test_amx_quant_gemm_matches_the_dequantized_weight(m, n, k):
-    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows): bf16 activations against the int4 weight
-    decoded to bf16 (w = s·q + m rounded once), fp32 accumulation. Reference: the same bf16 weight in a
-    float64 matmul; the kernel's only further rounding is its bf16 output. K values cover one pair,
-    pairs plus a 32-byte tail, and padding past K."""
+def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
+    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows): bf16 activations against the weight
+    decoded to bf16 (int4: w = s·q + m rounded once; int8: q exactly, s applied to the output),
+    fp32 accumulation. Reference: the same weight in a float64 matmul; the kernel's only further
+    rounding is its bf16 output. K values cover one pair, pairs plus a 32-byte tail, and padding."""
     if not kernels.quant_gemm_supported(n, k):
         assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops() or n % 16 or k % 2
         pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
-    w4, _ = _weights(n, k, seed=m + n)
-    packed, _, (scaled, offs) = _int4_case(w4)
-    w = (scaled + offs).bfloat16().double()  # the kernel's weights: s·q + m in fp32, rounded to bf16
+    w4, w8 = _weights(n, k, seed=m + n)
+    if kind == 4:
+        packed, _, (scaled, offs) = _int4_case(w4)
+        w = (scaled + offs).bfloat16().double()  # the kernel's weights: s·q + m in fp32, rounded to bf16
+    else:
+        packed, _, _ = _int8_case(w8)
+        w = w8.qweight.double() * w8.scales.double()[:, None]
     x = _x(m, k, torch.bfloat16, seed=k).contiguous()
-    y = torch.ops.shoal.quant_gemm(x, *packed, n)
+    y = torch.ops.shoal.quant_gemm(x, *packed, kind, n)
     ref = x.double() @ w.T
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     torch.testing.assert_close(y.double(), ref, atol=2e-2 * ref.abs().max().item(), rtol=8e-3)
@@ -173,21 +178,21 @@ def test_amx_quant_gemm_matches_the_dequantized_weight(m, n, k):
 
 def test_platform_quant_linear_uses_the_amx_kernel_for_batched_decode_rows():
     """9–64 rows of bf16 go through the AMX kernel where it runs (else the dense matmul), 65 rows
-    through the dense matmul; all agree with the float64 reference."""
+    through the dense matmul; all agree with the float64 reference, for int4 and int8 weights."""
     from shoal.backends import cpu
 
-    w4, _ = _weights(96, 576, seed=11)
     bias = torch.randn(96)
-    for rows in (9, 64, 65):
-        x = _x(rows, 576, torch.bfloat16, seed=rows)
-        got = cpu.quant_linear(x, w4, bias.bfloat16())
-        ref = native.quant_linear(x.double(), w4, bias.double())
-        assert (got.double() - ref).norm() / ref.norm() < 0.01
-    if kernels.quant_gemm_supported(96, 576):  # the same numbers as the operator called directly
-        x = _x(32, 576, torch.bfloat16, seed=3)
-        packed = w4.kernel_cache[("cpu", torch.bfloat16)][2]
-        torch.testing.assert_close(cpu.quant_linear(x, w4, None),
-                                   torch.ops.shoal.quant_gemm(x.contiguous(), *packed, 96), atol=0, rtol=0)
+    for w in _weights(96, 576, seed=11):
+        for rows in (9, 64, 65):
+            x = _x(rows, 576, torch.bfloat16, seed=rows)
+            got = cpu.quant_linear(x, w, bias.bfloat16())
+            ref = native.quant_linear(x.double(), w, bias.double())
+            assert (got.double() - ref).norm() / ref.norm() < 0.01
+        if kernels.quant_gemm_supported(96, 576):  # the same numbers as the operator called directly
+            x = _x(32, 576, torch.bfloat16, seed=3)
+            _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
+            torch.testing.assert_close(cpu.quant_linear(x, w, None),
+                                       torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96), atol=0, rtol=0)
 
 
 def test_amx_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():
@@ -198,7 +203,7 @@ def test_amx_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():
     packed = kernels.repack_int4(w4.codes, w4.scales, w4.zeros)
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.shoal.quant_gemm(x * 2, packed[0], packed[1], packed[2], 192) + 1
+        return torch.ops.shoal.quant_gemm(x * 2, packed[0], packed[1], packed[2], 4, 192) + 1
 
     x = _x(32, 576, torch.bfloat16, seed=13).contiguous()
     compiled = torch.compile(f, fullgraph=True, options={"cpp_wrapper": True})(x)

@@ -97,9 +97,9 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     """Weight-only quantized matmul, by rows of x:
     - up to PACKED_MAX_ROWS (decode): shoal's VNNI GEMV (qgemv.c) where it is built, else torch's
       packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
-    - up to kernels.QUANT_GEMM_MAX_ROWS, bf16, a group-32 int4 weight (batched decode): shoal's AMX
-      kernel (qgemv.c `quant_gemm_amx`: the weight decoded to bf16 tile by tile, reading 4.5 bits a
-      weight instead of 16; a 32-row decode step 33.9 → 28.9 ms), where the CPU has AMX-BF16;
+    - up to kernels.QUANT_GEMM_MAX_ROWS, bf16, in qgemv.c's layouts (batched decode): shoal's AMX
+      kernel (qgemv.c `quant_gemm_amx`: the weight decoded to bf16 tile by tile, reading 4.5 or 8
+      bits a weight instead of 16; a 32-row decode step 33.9 → 28.9 ms), where the CPU has AMX-BF16;
     - otherwise (prefill) a dense matmul on the dequantized weight."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -107,9 +107,9 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     if x2.shape[0] > PACKED_MAX_ROWS:
         if x2.shape[0] <= kernels.QUANT_GEMM_MAX_ROWS and x.dtype == torch.bfloat16:
             kern = _packed(qweight, x.dtype)
-            if (kern is not None and kern[0] == "gemv" and kern[1] == 4
+            if (kern is not None and kern[0] == "gemv"
                     and kernels.quant_gemm_supported(qweight.out_features, x2.shape[1])):
-                y = torch.ops.shoal.quant_gemm(x2.contiguous(), *kern[2], qweight.out_features)
+                y = torch.ops.shoal.quant_gemm(x2.contiguous(), *kern[2], kern[1], qweight.out_features)
                 y = y.reshape(*x.shape[:-1], y.shape[-1])
                 return y if bias is None else y + bias
         return _dense_linear(x, qweight, bias)

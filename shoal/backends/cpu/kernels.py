@@ -168,7 +168,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.qgemv_set_prefetch.restype = i32
     lib.qgemv_set_prefetch.argtypes = [i32]
     lib.quant_gemm_amx.restype = i32
-    lib.quant_gemm_amx.argtypes = [vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
+    lib.quant_gemm_amx.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
     lib.quant_gemm_amx_available.restype = i32
     lib.quant_gemm_amx_available.argtypes = []
     lib.prefill_attention_amx.restype = i32
@@ -319,7 +319,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("shoal::quant_gemm")
-    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, n: int) -> torch.Tensor:
+    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("shoal::decode_attention")
@@ -333,13 +333,13 @@ def torch_ops() -> bool:
     return library() is not None and _cxx_ops
 
 
-# rows the AMX int4 kernel (qgemv.c quant_gemm_amx) takes: four 16-row activation tiles at most
+# rows the AMX kernel (qgemv.c quant_gemm_amx) takes: four 16-row activation tiles at most
 QUANT_GEMM_MAX_ROWS = 64
 
 
 def quant_gemm_supported(n: int, k: int) -> bool:
-    """The AMX-BF16 int4 × bf16 kernel is built here as a torch operator, the CPU grants AMX to this
-    process, and an [n, k] weight fits its tiles (n a multiple of 16, k even)."""
+    """The AMX-BF16 kernel for int4/int8 weights × bf16 rows is built here as a torch operator, the
+    CPU grants AMX to this process, and an [n, k] weight fits its tiles (n a multiple of 16, k even)."""
     return library() is not None and _cxx_ops and _amx_gemm and n % 16 == 0 and k % 2 == 0
 
 

@@ -11,7 +11,7 @@
 extern "C" {
 int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
-int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
+int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
                    uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads);
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS, int W,
@@ -43,17 +43,18 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     return y;
 }
 
-// x [M, K] bf16 (9..64 rows, contiguous rows); an int4 weight from kernels.repack_int4; AMX tiles
+// x [M, K] bf16 (9..64 rows, contiguous rows); a weight from kernels.repack_int4/8; AMX tiles
 at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
-                         int64_t n) {
+                         int64_t kind, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
     TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemm: x must be [M, K] with contiguous rows");
     TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "quant_gemm: packed weight not contiguous");
     const int64_t m = x.size(0), k = x.size(1), kp = (k + 63) / 64 * 64;
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * kp / 2, "quant_gemm: packed weight shape");
+    TORCH_CHECK(kind == 4 || kind == 8, "quant_gemm: kind must be 4 or 8");
+    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), "quant_gemm: packed weight shape");
     auto y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
-    const int rc = quant_gemm_amx(reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
+    const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
                                   w0.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w1.data_ptr()),
                                   reinterpret_cast<const uint16_t *>(w2.data_ptr()),
                                   reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(m), n,
@@ -90,7 +91,7 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
 
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
     m.def("quant_gemv(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
-    m.def("quant_gemm(Tensor x, Tensor w0, Tensor w1, Tensor w2, int n) -> Tensor");
+    m.def("quant_gemm(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale) -> Tensor");
 }

@@ -318,7 +318,7 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 }
 
 /* ------------------------------------------------------------------------------------------------
- * quant_gemm_amx: an int4 weight in the layout above against 9–64 bf16 activation rows (batched
+ * quant_gemm_amx: an int4 or int8 weight in the layouts above against 9–64 bf16 activation rows (batched
  * decode), on AMX-BF16 tiles. Unlike quant_gemv the activations stay bf16: each weight block is
  * decoded to bf16 (w = s·q + m rounded once, through a 32-entry table per pair of groups and one
  * vpermw per 32 weights) into an A tile of 16 output rows × 32 lane-order positions, and the
@@ -363,14 +363,14 @@ int quant_gemm_amx_available(void) {
 #endif
 }
 
-int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales,
+int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales,
                    const uint16_t *offs, uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads) {
 #ifndef QG_AMX
-    (void)x, (void)ldx, (void)codes, (void)scales, (void)offs, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    (void)kind, (void)x, (void)ldx, (void)codes, (void)scales, (void)offs, (void)y, (void)ldy, (void)M, (void)N, (void)K;
     (void)nthreads;
     return -2;
 #else
-    if (M < 1 || M > 64 || N % 16 || K % 2 || !amx_permitted()) return -2;
+    if ((kind != 4 && kind != 8) || M < 1 || M > 64 || N % 16 || K % 2 || !amx_permitted()) return -2;
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, KC = Kp / 32, MB = (M + 15) / 16, Gp = Kp / 32;
     /* B tiles: xb[kc][mb] = 16 rows (dword r of the chunk) × 16 activation rows, 1 KB each. Chunk kc
      * is half kc & 1 of pair kc >> 1; lane dword d of a pair holds x dword 16·((d>>1)&1) + 2·(d>>2) + (d&1) */
@@ -412,7 +412,7 @@ int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const u
             const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < N / 16; nb++) {
-                {
+                if (kind == 4) {
                     const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
                     int64_t o = 0;
                     for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
@@ -422,7 +422,28 @@ int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const u
                     for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
                 }
                 for (int mb = 0; mb < MB; mb++) amx_zero(2 + mb);
-                for (int p = 0; p < P; p += 2) {
+                /* int8: 64 bytes (q + 128) a pair and row, decoded exactly to bf16 (2^23 + u − (2^23 + 128) in
+                 * fp32); the row's scale multiplies the output */
+                for (int p = 0; kind == 8 && p < P; p++) {
+                    for (int i = 0; i < 16; i++) {
+                        const uint8_t *c = codes + (nb * 16 + i) * (int64_t)Kp + 64 * p;
+                        if (nb + 1 < N / 16) qg_prefetch(c + 16 * (int64_t)Kp);
+                        for (int h = 0; h < 2; h++) {
+                            const __m512i bias = _mm512_set1_epi32(0x4B000000);
+                            const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
+                            const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                                                  _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
+                            const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                                                  _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
+                            _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                        }
+                    }
+                    for (int q = 0; q < 2; q++) {
+                        _tile_loadd(0, ab + q * 512, 64);
+                        for (int mb = 0; mb < MB; mb++) amx_dp(2 + mb, xb + ((int64_t)(2 * p + q) * MB + mb) * 256);
+                    }
+                }
+                for (int p = 0; kind == 4 && p < P; p += 2) {
                     const int two = p + 2 <= P; /* a full 64-byte block of two pairs, else the 32-byte tail */
                     for (int i = 0; i < 16; i++) {
                         const int64_t n = nb * 16 + i;
@@ -457,6 +478,11 @@ int quant_gemm_amx(const uint16_t *x, int64_t ldx, const uint8_t *codes, const u
                 /* C[i][j] = output row nb·16 + i of activation row mb·16 + j → y[row][n] */
                 for (int mb = 0; mb < MB; mb++) {
                     amx_store(2 + mb, cs, 64);
+                    if (kind == 8) { /* row i of the tile is output row nb·16 + i: its scale */
+                        const float *sc = (const float *)scales + nb * 16;
+                        for (int i = 0; i < 16; i++)
+                            _mm512_store_ps(cs + 16 * i, _mm512_mul_ps(_mm512_load_ps(cs + 16 * i), _mm512_set1_ps(sc[i])));
+                    }
                     const int valid = M - 16 * mb < 16 ? M - 16 * mb : 16;
                     const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                            _mm512_set1_epi32(16));
