@@ -228,8 +228,13 @@ class ModelRunner:
             single["cpp_wrapper"] = True
         # padded batches have static shapes, so inductor can generate its own AMX GEMM kernels
         # for their dense matmuls (max-autotune: it times them against oneDNN's, once per shape;
-        # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls)
+        # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls).
+        # The C++ wrapper saves the Python wrapper's ~3.5 ms a step of op calls: `ci` recipe,
+        # two engines in one process, alternating: 642–665 → 704–713 out tok/s (default GGUF, AMX
+        # matmul ops), 520–538 → 561–608 (bf16 checkpoint, autotuned dense matmuls)
         padded = dict(opts)
+        if not os.environ.get("SHOAL_PY_WRAPPER"):
+            padded["cpp_wrapper"] = True
         if autotune and os.environ.get("SHOAL_MAX_AUTOTUNE", "1") != "0":
             padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        # no timing tables on the terminal
