@@ -223,18 +223,15 @@ class ModelRunner:
         opts: dict[str, Any] = {}
         if skip_guards:
             opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        single = opts | {"cpp.threads": 1}
-        if not os.environ.get("SHOAL_PY_WRAPPER"):
-            single["cpp_wrapper"] = True
+        cpp_wrapper = not os.environ.get("SHOAL_PY_WRAPPER")
+        single = opts | {"cpp.threads": 1, "cpp_wrapper": cpp_wrapper}
         # padded batches have static shapes, so inductor can generate its own AMX GEMM kernels
         # for their dense matmuls (max-autotune: it times them against oneDNN's, once per shape;
         # measured at batch 32 on the default model's layer shapes: 20.3 → 15.7 ms of matmuls).
         # The C++ wrapper saves the Python wrapper's ~3.5 ms a step of op calls: `ci` recipe,
         # two engines in one process, alternating: 642–665 → 704–713 out tok/s (default GGUF, AMX
         # matmul ops), 520–538 → 561–608 (bf16 checkpoint, autotuned dense matmuls)
-        padded = dict(opts)
-        if not os.environ.get("SHOAL_PY_WRAPPER"):
-            padded["cpp_wrapper"] = True
+        padded = opts | {"cpp_wrapper": cpp_wrapper}
         if autotune and os.environ.get("SHOAL_MAX_AUTOTUNE", "1") != "0":
             padded |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        # no timing tables on the terminal

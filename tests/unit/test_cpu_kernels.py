@@ -11,8 +11,8 @@ import torch
 
 from shoal.backends import native
 from shoal.backends.cpu import kernels
-from tests.cpuinfo import has_cpu_flag
 from shoal.executor.forward_batch import AttentionMetadata
+from tests.cpuinfo import has_cpu_flag
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
 

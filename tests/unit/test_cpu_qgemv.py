@@ -19,8 +19,8 @@ import torch
 
 from shoal.backends import native
 from shoal.backends.cpu import kernels
-from tests.cpuinfo import has_cpu_flag
 from shoal.layers.quant import Int4Weight, Int8Weight, unpack_nibbles
+from tests.cpuinfo import has_cpu_flag
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
 

@@ -104,21 +104,18 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return native.quant_linear(x, qweight, bias)
-    if x2.shape[0] > PACKED_MAX_ROWS:
-        if x2.shape[0] <= kernels.QUANT_GEMM_MAX_ROWS and x.dtype == torch.bfloat16:
-            kern = _packed(qweight, x.dtype)
-            if (kern is not None and kern[0] == "gemv"
-                    and kernels.quant_gemm_supported(qweight.out_features, x2.shape[1])):
-                y = torch.ops.shoal.quant_gemm(x2.contiguous(), *kern[2], kern[1], qweight.out_features)
-                y = y.reshape(*x.shape[:-1], y.shape[-1])
-                return y if bias is None else y + bias
+    rows, n = x2.shape[0], qweight.out_features
+    batched = rows > PACKED_MAX_ROWS
+    if batched and not (rows <= kernels.QUANT_GEMM_MAX_ROWS and x.dtype == torch.bfloat16):
         return _dense_linear(x, qweight, bias)
     kern = _packed(qweight, x.dtype)
-    if kern is None:
+    if kern is None or (batched and not (kern[0] == "gemv" and kernels.quant_gemm_supported(n, x2.shape[1]))):
         return _dense_linear(x, qweight, bias)
     x2 = x2.contiguous()
-    if kern[0] == "gemv":
-        y = kernels.quant_gemv(x2, kern[2], kern[1], qweight.out_features)
+    if batched:
+        y = torch.ops.shoal.quant_gemm(x2, *kern[2], kern[1], n)
+    elif kern[0] == "gemv":
+        y = kernels.quant_gemv(x2, kern[2], kern[1], n)
     elif kern[0] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, kern[1], kern[2])
     else:

@@ -506,9 +506,6 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
  * ------------------------------------------------------------------------------------------------ */
 #include "amx.h"
 #ifdef AMX_TILES
-/* round 16 fp32 to bf16 (nearest even) */
-static inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-
 /* 2^t for t ≤ 0: a degree-4 polynomial for 2^f on [-0.5, 0.5] (relative error 3e-6; the
  * probabilities are rounded to bf16 next), scaled back with vscalefps (0 for t far below -126) */
 static inline __m512 exp2_fast(__m512 t) {

@@ -1,8 +1,8 @@
 """shoal's own CPU kernels (kernels.c, qgemv.c): compiled on first use with the system C compiler,
 cached on disk and called through ctypes. When a C++ compiler and torch's headers are present,
 ops.cpp is linked in too and registers `shoal::quant_gemv`, `shoal::quant_gemm` and
-`shoal::decode_attention` as C++
-torch operators, which a compiled graph's C++ wrapper calls without a trip through Python.
+`shoal::decode_attention` as C++ torch operators, which a compiled graph's C++ wrapper calls
+without a trip through Python.
 Everything here has a plain-torch twin; when no compiler is found (or `SHOAL_CPU_KERNELS=0`) the
 twin runs instead, after one log line saying why.
 
@@ -35,7 +35,7 @@ _CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
-_cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / decode_attention exist
+_cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / quant_gemm / decode_attention exist
 _amx_gemm = False  # quant_gemm_amx compiled in and AMX granted to this process (asked once, at load)
 
 

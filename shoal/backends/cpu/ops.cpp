@@ -25,15 +25,22 @@ void check_float(const at::Tensor &t, const char *what) {
     TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, what, " must be bf16 or fp32");
 }
 
+// x [M, K] with contiguous rows against a weight from kernels.repack_int4/8 (kind 4/8, n output rows)
+void check_packed(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2, int64_t kind,
+                  int64_t n, const char *op) {
+    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [M, K] with contiguous rows");
+    TORCH_CHECK(kind == 4 || kind == 8, op, ": kind must be 4 or 8");
+    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), op, ": packed weight not contiguous");
+    const int64_t kp = (x.size(1) + 63) / 64 * 64;
+    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), op, ": packed weight shape");
+}
+
 // x [M, K] (rows may be strided, elements contiguous); weight tensors from kernels.repack_int4/8
 at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
     check_float(x, "quant_gemv: x");
-    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemv: x must be [M, K] with contiguous rows");
-    TORCH_CHECK(kind == 4 || kind == 8, "quant_gemv: kind must be 4 or 8");
-    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "quant_gemv: packed weight not contiguous");
-    const int64_t m = x.size(0), k = x.size(1), kp = (k + 63) / 64 * 64;
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), "quant_gemv: packed weight shape");
+    check_packed(x, w0, w1, w2, kind, n, "quant_gemv");
+    const int64_t m = x.size(0), k = x.size(1);
     auto y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
     const int rc = quant_gemv(static_cast<int>(kind), x.data_ptr(), x.stride(0), w0.data_ptr(), w1.data_ptr(),
@@ -47,11 +54,8 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
 at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
-    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemm: x must be [M, K] with contiguous rows");
-    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "quant_gemm: packed weight not contiguous");
-    const int64_t m = x.size(0), k = x.size(1), kp = (k + 63) / 64 * 64;
-    TORCH_CHECK(kind == 4 || kind == 8, "quant_gemm: kind must be 4 or 8");
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), "quant_gemm: packed weight shape");
+    check_packed(x, w0, w1, w2, kind, n, "quant_gemm");
+    const int64_t m = x.size(0), k = x.size(1);
     auto y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
     const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),

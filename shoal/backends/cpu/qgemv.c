@@ -489,7 +489,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
                     for (int j = 0; j < valid; j++) {
                         const __m512 v = _mm512_i32gather_ps(col, cs + j, 4);
                         _mm256_storeu_si256((__m256i *)(y + (int64_t)(16 * mb + j) * ldy + nb * 16),
-                                            (__m256i)_mm512_cvtneps_pbh(v));
+                                            bf16x16(v));
                     }
                 }
             }
