@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VENVS = ROOT / ".bench-venvs"
 HF_COPY = VENVS / "smollm2-bf16-hf"  # bf16 safetensors copy of the default model (peers/make_hf_copy.py)
 THREADS = 2
+# Each prefill sample is the rate over this many back-to-back requests of the 512-token prompt: a
+# single request (~0.15 s for the fast engines) varied ±15% from sample to sample on this machine.
+PREFILL_REPEATS = 5
 EOS = 2  # SmolLM2's <|endoftext|>; every engine is told to ignore it
 VOCAB_LO, VOCAB_HI = 100, 49000  # ordinary token ids (skips the special tokens at the start)
 

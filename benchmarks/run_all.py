@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import VENVS, median  # noqa: E402
+from common import PREFILL_REPEATS, VENVS, median  # noqa: E402
 
 SHOAL_PY = ROOT / ".venv" / "bin" / "python"
 ENGINES = {
@@ -81,7 +81,8 @@ def markdown(summary: dict) -> str:
     lines = [
         f"Measured {summary['date']} on {summary['machine'].get('cpu', '?')}, {summary['machine']['cores']} cores, "
         f"{summary['threads']} threads, default model (SmolLM2-135M-Instruct Q4_1 GGUF); medians of "
-        f"{summary['runs']} runs × {summary['rounds']} alternating rounds; "
+        f"{summary['runs']} runs × {summary['rounds']} alternating rounds (a prefill run: {PREFILL_REPEATS} "
+        "back-to-back requests); "
         "load average per engine in the last column.",
         "",
         "| engine | prefill 512 (tok/s) | decode b=1 (tok/s) | throughput `" + summary["recipe"] + "` (out tok/s) "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
+from common import PREFILL_REPEATS, THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
 
 
 def gguf_path() -> str:
@@ -56,8 +56,8 @@ def main() -> int:
     generate(llm, long, 2)
     prefill, decode = [], []
     for _ in range(a.runs):
-        ttft, _ = generate(llm, long, 1)
-        prefill.append(len(long) / ttft)
+        ttfts = [generate(llm, long, 1)[0] for _ in range(PREFILL_REPEATS)]
+        prefill.append(len(long) * PREFILL_REPEATS / sum(ttfts))
         _, span = generate(llm, short, 128)
         decode.append(127 / span)
     tput = []

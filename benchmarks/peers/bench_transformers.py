@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import EOS, HF_COPY, THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
+from common import EOS, HF_COPY, PREFILL_REPEATS, THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
 
 
 def main() -> int:
@@ -42,8 +42,9 @@ def main() -> int:
         prefill, decode = [], []
         for _ in range(a.runs):
             t = time.perf_counter()
-            model(torch.tensor([long]), use_cache=False)
-            prefill.append(len(long) / (time.perf_counter() - t))
+            for _ in range(PREFILL_REPEATS):
+                model(torch.tensor([long]), use_cache=False)
+            prefill.append(len(long) * PREFILL_REPEATS / (time.perf_counter() - t))
             decode.append(127 / (gen(short, 128) - gen(short, 1)))
         w = throughput_workload(a.recipe)
         width = max(map(len, w.prompts))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import HF_COPY, THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
+from common import HF_COPY, PREFILL_REPEATS, THREADS, emit, latency_prompts, median, throughput_workload  # noqa: E402
 
 
 def main() -> int:
@@ -39,7 +39,7 @@ def main() -> int:
     gen([short], [8])
     prefill, decode = [], []
     for _ in range(a.runs):
-        prefill.append(len(long) / gen([long], [1]))
+        prefill.append(len(long) * PREFILL_REPEATS / sum(gen([long], [1]) for _ in range(PREFILL_REPEATS)))
         decode.append(127 / (gen([short], [128]) - gen([short], [1])))
     w = throughput_workload(a.recipe)
     tput = [sum(w.output_lens) / gen(w.prompts, w.output_lens) for _ in range(max(1, a.runs - 1))]
