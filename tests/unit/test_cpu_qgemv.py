@@ -153,12 +153,17 @@ def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
 
 @pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("m,n,k", [(9, 960, 576), (16, 64, 64), (32, 3072, 576), (33, 576, 1536), (64, 48, 160),
-                                   (20, 16, 96), (40, 32, 224)])
+                                   (20, 16, 96), (40, 32, 224),
+                                   # the prompt path (> 64 rows, K % 32 == 0): row tails, an odd number
+                                   # of 16-column blocks, a lone block, a K tail inside the last pair
+                                   (65, 960, 576), (100, 48, 1536), (129, 16, 64), (512, 576, 1536), (77, 32, 224),
+                                   (96, 80, 160)])
 def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
-    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows): bf16 activations against the weight
-    decoded to bf16 (int4: w = s·q + m rounded once; int8: q exactly, s applied to the output),
-    fp32 accumulation. Reference: the same weight in a float64 matmul; the kernel's only further
-    rounding is its bf16 output. K values cover one pair, pairs plus a 32-byte tail, and padding."""
+    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows; prompts, more rows, through qg_amx_rows):
+    bf16 activations against the weight decoded to bf16 (int4: w = s·q + m rounded once; int8: q
+    exactly, s applied to the output), fp32 accumulation. Reference: the same weight in a float64
+    matmul; the kernel's only further rounding is its bf16 output. K values cover one pair, pairs
+    plus a 32-byte tail, and padding."""
     if not kernels.quant_gemm_supported(n, k):
         assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops() or n % 16 or k % 2
         pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
@@ -177,22 +182,32 @@ def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
 
 
 def test_platform_quant_linear_uses_the_amx_kernel_for_batched_decode_rows():
-    """9–64 rows of bf16 go through the AMX kernel where it runs (else the dense matmul), 65 rows
-    through the dense matmul; all agree with the float64 reference, for int4 and int8 weights."""
+    """9–64 rows of bf16 go through the AMX kernel where it runs (else the dense matmul), and so do
+    prompts up to QUANT_GEMM_PROMPT_MAX_ROWS rows when K % 32 == 0; more rows, or 65 rows with K % 32
+    != 0, through the dense matmul. All agree with the float64 reference, for int4 and int8 weights."""
     from shoal.backends import cpu
 
     bias = torch.randn(96)
-    for w in _weights(96, 576, seed=11):
-        for rows in (9, 64, 65):
-            x = _x(rows, 576, torch.bfloat16, seed=rows)
-            got = cpu.quant_linear(x, w, bias.bfloat16())
-            ref = native.quant_linear(x.double(), w, bias.double())
-            assert (got.double() - ref).norm() / ref.norm() < 0.01
-        if kernels.quant_gemm_supported(96, 576):  # the same numbers as the operator called directly
-            x = _x(32, 576, torch.bfloat16, seed=3)
-            _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
-            torch.testing.assert_close(cpu.quant_linear(x, w, None),
-                                       torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96), atol=0, rtol=0)
+    big = kernels.QUANT_GEMM_PROMPT_MAX_ROWS
+    int8_k80 = Int8Weight.quantize(torch.randn(96, 80, generator=torch.Generator().manual_seed(12)) * 0.05)
+    for k, ws in ((576, _weights(96, 576, seed=11)), (80, [int8_k80])):  # int4 needs K % 32 == 0
+        for w in ws:
+            for rows in (9, 64, 65, big, big + 1):
+                x = _x(rows, k, torch.bfloat16, seed=rows)
+                got = cpu.quant_linear(x, w, bias.bfloat16())
+                ref = native.quant_linear(x.double(), w, bias.double())
+                assert (got.double() - ref).norm() / ref.norm() < 0.01
+            if kernels.quant_gemm_supported(96, k):  # the same numbers as the operator called directly
+                _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
+                for rows, amx in ((32, True), (65, k % 32 == 0), (big, k % 32 == 0), (big + 1, False)):
+                    x = _x(rows, k, torch.bfloat16, seed=3)
+                    if amx:
+                        torch.testing.assert_close(cpu.quant_linear(x, w, None),
+                                                   torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96),
+                                                   atol=0, rtol=0)
+                    else:
+                        torch.testing.assert_close(cpu.quant_linear(x, w, None), cpu._dense_linear(x, w, None),
+                                                   atol=0, rtol=0)
 
 
 def test_amx_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():

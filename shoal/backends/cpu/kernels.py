@@ -333,8 +333,11 @@ def torch_ops() -> bool:
     return library() is not None and _cxx_ops
 
 
-# rows the AMX kernel (qgemv.c quant_gemm_amx) takes: four 16-row activation tiles at most
+# rows the AMX kernel (qgemv.c quant_gemm_amx) takes for any K: four 16-row activation tiles at most
 QUANT_GEMM_MAX_ROWS = 64
+# and for K % 32 == 0 (its prompt path, qg_amx_rows): above this many rows oneDNN's dense bf16 matmul
+# is faster (the activations stop fitting in L2 and the kernel rereads them for every 32 columns)
+QUANT_GEMM_PROMPT_MAX_ROWS = 1024
 
 
 def quant_gemm_supported(n: int, k: int) -> bool:

@@ -50,7 +50,8 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     return y;
 }
 
-// x [M, K] bf16 (9..64 rows, contiguous rows); a weight from kernels.repack_int4/8; AMX tiles
+// x [M, K] bf16 (9..64 rows, or more with K % 32 == 0; contiguous rows); a weight from
+// kernels.repack_int4/8; AMX tiles
 at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
