@@ -153,27 +153,16 @@ def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
 
 @pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("m,n,k", [(9, 960, 576), (16, 64, 64), (32, 3072, 576), (33, 576, 1536), (64, 48, 160),
-                                   (20, 16, 96), (40, 32, 224),
-                                   # the prompt path (> 64 rows, K % 32 == 0): row tails, an odd number
-                                   # of 16-column blocks, a lone block, a K tail inside the last pair
-                                   (65, 960, 576), (100, 48, 1536), (129, 16, 64), (512, 576, 1536), (77, 32, 224),
-                                   (96, 80, 160)])
+                                   (20, 16, 96), (40, 32, 224)])
 def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
-    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows; prompts, more rows, through qg_amx_rows):
-    bf16 activations against the weight decoded to bf16 (int4: w = s·q + m rounded once; int8: q
-    exactly, s applied to the output), fp32 accumulation. Reference: the same weight in a float64
-    matmul; the kernel's only further rounding is its bf16 output. K values cover one pair, pairs
-    plus a 32-byte tail, and padding."""
+    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows): bf16 activations against the weight
+    decoded to bf16 (int4: w = s·q + m rounded once; int8: q exactly, s applied to the output),
+    fp32 accumulation. Reference: the same weight in a float64 matmul; the kernel's only further
+    rounding is its bf16 output. K values cover one pair, pairs plus a 32-byte tail, and padding."""
     if not kernels.quant_gemm_supported(n, k):
         assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops() or n % 16 or k % 2
         pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
-    w4, w8 = _weights(n, k, seed=m + n)
-    if kind == 4:
-        packed, _, (scaled, offs) = _int4_case(w4)
-        w = (scaled + offs).bfloat16().double()  # the kernel's weights: s·q + m in fp32, rounded to bf16
-    else:
-        packed, _, _ = _int8_case(w8)
-        w = w8.qweight.double() * w8.scales.double()[:, None]
+    packed, w = _amx_case(kind, n, k, seed=m + n)
     x = _x(m, k, torch.bfloat16, seed=k).contiguous()
     y = torch.ops.shoal.quant_gemm(x, *packed, kind, n)
     ref = x.double() @ w.T
@@ -181,33 +170,66 @@ def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
     torch.testing.assert_close(y.double(), ref, atol=2e-2 * ref.abs().max().item(), rtol=8e-3)
 
 
-def test_platform_quant_linear_uses_the_amx_kernel_for_batched_decode_rows():
-    """9–64 rows of bf16 go through the AMX kernel where it runs (else the dense matmul), and so do
-    prompts up to QUANT_GEMM_PROMPT_MAX_ROWS rows when K % 32 == 0; more rows, or 65 rows with K % 32
-    != 0, through the dense matmul. All agree with the float64 reference, for int4 and int8 weights."""
+def _amx_case(kind: int, n: int, k: int, seed: int):
+    """(packed weight, the bf16 weight the AMX kernels multiply by, in float64)."""
+    w4, w8 = _weights(n, k, seed=seed)
+    if kind == 4:
+        packed, _, (scaled, offs) = _int4_case(w4)
+        return packed, (scaled + offs).bfloat16().double()  # s·q + m in fp32, rounded to bf16
+    packed, _, _ = _int8_case(w8)
+    return packed, w8.qweight.double() * w8.scales.double()[:, None]
+
+
+@pytest.mark.parametrize("kind", [4, 8])
+@pytest.mark.parametrize("m,n,k", [(65, 960, 576), (100, 48, 1536), (129, 16, 64), (512, 576, 1536), (77, 32, 224),
+                                   (96, 80, 160), (700, 64, 32)])
+def test_panel_gemm_matches_the_dequantized_weight(kind, m, n, k):
+    """qgemv.c quant_panels + panel_gemm (prompt rows): the weight decoded once into bf16 VNNI tiles
+    (the same values as quant_gemm_amx's), activations in place, fp32 accumulation, int8's row scale
+    on the output. Row tails, an odd number of 16-column blocks, a lone block, a K tail inside the last
+    pair of groups, more rows than one L2 chunk (512 × 1536: chunks of 320 rows), and K 32."""
+    if not kernels.panel_gemm_supported(n, k):
+        assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops()
+        pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
+    packed, w = _amx_case(kind, n, k, seed=m + n)
+    panels = torch.ops.shoal.quant_panels(*packed, kind, n, k)
+    assert panels.shape == (n // 16, k // 32, 256)
+    x = _x(m, k, torch.bfloat16, seed=k)  # rows strided
+    y = torch.ops.shoal.panel_gemm(x, panels, packed[1] if kind == 8 else None, n)
+    ref = x.double() @ w.T
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    torch.testing.assert_close(y.double(), ref, atol=2e-2 * ref.abs().max().item(), rtol=8e-3)
+
+
+def test_platform_quant_linear_routes_by_rows():
+    """bf16 rows: 9–64 through quant_gemm_amx, 65..PANEL_GEMM_MAX_ROWS with K % 32 == 0 through
+    panel_gemm, more rows (or K % 32 != 0) through the dense matmul, where the AMX kernels run (else
+    all through the dense matmul). All agree with the float64 reference, int4 and int8 weights."""
     from shoal.backends import cpu
 
     bias = torch.randn(96)
-    big = kernels.QUANT_GEMM_PROMPT_MAX_ROWS
+    big = kernels.PANEL_GEMM_MAX_ROWS
     int8_k80 = Int8Weight.quantize(torch.randn(96, 80, generator=torch.Generator().manual_seed(12)) * 0.05)
     for k, ws in ((576, _weights(96, 576, seed=11)), (80, [int8_k80])):  # int4 needs K % 32 == 0
         for w in ws:
-            for rows in (9, 64, 65, big, big + 1):
+            for rows in (9, 64, 65, big + 1):
                 x = _x(rows, k, torch.bfloat16, seed=rows)
                 got = cpu.quant_linear(x, w, bias.bfloat16())
                 ref = native.quant_linear(x.double(), w, bias.double())
                 assert (got.double() - ref).norm() / ref.norm() < 0.01
-            if kernels.quant_gemm_supported(96, k):  # the same numbers as the operator called directly
-                _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
-                for rows, amx in ((32, True), (65, k % 32 == 0), (big, k % 32 == 0), (big + 1, False)):
-                    x = _x(rows, k, torch.bfloat16, seed=3)
-                    if amx:
-                        torch.testing.assert_close(cpu.quant_linear(x, w, None),
-                                                   torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96),
-                                                   atol=0, rtol=0)
-                    else:
-                        torch.testing.assert_close(cpu.quant_linear(x, w, None), cpu._dense_linear(x, w, None),
-                                                   atol=0, rtol=0)
+            if not kernels.quant_gemm_supported(96, k):
+                continue
+            _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
+            for rows in (32, 65, big, big + 1):  # the same numbers as the operator that should run
+                x = _x(rows, k, torch.bfloat16, seed=3)
+                if rows <= 64:
+                    want = torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96)
+                elif rows <= big and k % 32 == 0:
+                    panels = torch.ops.shoal.quant_panels(*packed, kind, 96, k)
+                    want = torch.ops.shoal.panel_gemm(x, panels, packed[1] if kind == 8 else None, 96)
+                else:
+                    want = cpu._dense_linear(x, w, None)
+                torch.testing.assert_close(cpu.quant_linear(x, w, None), want, atol=0, rtol=0)
 
 
 def test_amx_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():

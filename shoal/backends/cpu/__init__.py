@@ -80,6 +80,23 @@ def _dense(qweight, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
     return w
 
 
+def _panels(qweight, k: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # noqa: ANN001
+    """The weight as bf16 VNNI tiles for prompt rows (qgemv.c quant_panels, from the packed layout the
+    decode kernels use; the int8 row scales stay separate), built on first use; None where
+    panel_gemm does not run or the weight has no packed layout."""
+    key = ("cpu-panels", k)
+    if key in qweight.kernel_cache:
+        return qweight.kernel_cache[key]
+    out = None
+    kern = _packed(qweight, torch.bfloat16) if kernels.panel_gemm_supported(qweight.out_features, k) else None
+    if kern is not None and kern[0] == "gemv":
+        w0, w1, w2 = kern[2]
+        panels = torch.ops.shoal.quant_panels(w0, w1, w2, kern[1], qweight.out_features, k)
+        out = (panels, w1 if kern[1] == 8 else None)
+    qweight.kernel_cache[key] = out
+    return out
+
+
 def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
     """x @ W^T on the dequantized weight. Eagerly, bf16 goes through a oneDNN-prepacked copy of the
     weight (AMX layout; a plain weight is reordered on every call: 1.6x slower at 32 rows)."""
@@ -100,17 +117,22 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     - up to kernels.QUANT_GEMM_MAX_ROWS, bf16, in qgemv.c's layouts (batched decode): shoal's AMX
       kernel (qgemv.c `quant_gemm_amx`: the weight decoded to bf16 tile by tile, reading 4.5 or 8
       bits a weight instead of 16; a 32-row decode step 33.9 → 28.9 ms), where the CPU has AMX-BF16;
-    - up to kernels.QUANT_GEMM_PROMPT_MAX_ROWS when K % 32 == 0 (prompts): the same kernel's prompt
-      path (the weight decoded once per 32 columns into VNNI tiles, activations read in place; the
-      model's 30 layers at 512 rows 1.1-1.4x faster than oneDNN's prepacked bf16 matmul);
-    - otherwise (long prefill chunks) a dense matmul on the dequantized weight."""
+    - up to kernels.PANEL_GEMM_MAX_ROWS (prompts), bf16, K % 32 == 0: qgemv.c `panel_gemm` on AMX
+      tiles against a bf16 VNNI copy of the weight built on first use (`_panels`; 512-token prefill
+      ~1.3x faster in its matmuls than oneDNN);
+    - otherwise a dense matmul on the dequantized weight (oneDNN, prepacked)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return native.quant_linear(x, qweight, bias)
     rows, n, k = x2.shape[0], qweight.out_features, x2.shape[1]
     batched = rows > PACKED_MAX_ROWS
-    amx_rows = kernels.QUANT_GEMM_MAX_ROWS if k % 32 else kernels.QUANT_GEMM_PROMPT_MAX_ROWS
-    if batched and not (rows <= amx_rows and x.dtype == torch.bfloat16):
+    if (kernels.QUANT_GEMM_MAX_ROWS < rows <= kernels.PANEL_GEMM_MAX_ROWS and x.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling()):
+        panels = _panels(qweight, k)
+        if panels is not None:
+            y = torch.ops.shoal.panel_gemm(x2.contiguous(), panels[0], panels[1], n).reshape(*x.shape[:-1], n)
+            return y if bias is None else y + bias
+    if batched and not (rows <= kernels.QUANT_GEMM_MAX_ROWS and x.dtype == torch.bfloat16):
         return _dense_linear(x, qweight, bias)
     kern = _packed(qweight, x.dtype)
     if kern is None or (batched and not (kern[0] == "gemv" and kernels.quant_gemm_supported(n, k))):

@@ -322,6 +322,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("shoal::panel_gemm")
+    def _(x: torch.Tensor, panels: torch.Tensor, oscale: torch.Tensor | None, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n))
+
     @torch.library.register_fake("shoal::decode_attention")
     def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -333,17 +337,24 @@ def torch_ops() -> bool:
     return library() is not None and _cxx_ops
 
 
-# rows the AMX kernel (qgemv.c quant_gemm_amx) takes for any K: four 16-row activation tiles at most
+# rows the AMX kernel (qgemv.c quant_gemm_amx) takes: four 16-row activation tiles at most
 QUANT_GEMM_MAX_ROWS = 64
-# and for K % 32 == 0 (its prompt path, qg_amx_rows): above this many rows oneDNN's dense bf16 matmul
-# is faster (the activations stop fitting in L2 and the kernel rereads them for every 32 columns)
-QUANT_GEMM_PROMPT_MAX_ROWS = 1024
+# more rows, up to this many, go through panel_gemm; above it oneDNN's prepacked bf16 matmul was faster
+# (the default model's 30 layers: 512 rows 88 vs 110-120 ms, 1024 rows 144-156 vs 199-207 ms, 2048 rows
+# 289-301 vs 255-264 ms)
+PANEL_GEMM_MAX_ROWS = 1536
 
 
 def quant_gemm_supported(n: int, k: int) -> bool:
     """The AMX-BF16 kernel for int4/int8 weights × bf16 rows is built here as a torch operator, the
     CPU grants AMX to this process, and an [n, k] weight fits its tiles (n a multiple of 16, k even)."""
     return library() is not None and _cxx_ops and _amx_gemm and n % 16 == 0 and k % 2 == 0
+
+
+def panel_gemm_supported(n: int, k: int) -> bool:
+    """qgemv.c panel_gemm (prompt rows on AMX tiles against a bf16 VNNI copy of the weight) runs here
+    for an [n, k] weight: built as a torch operator, AMX granted, n % 16 == 0 and k % 32 == 0."""
+    return library() is not None and _cxx_ops and _amx_gemm and n % 16 == 0 and k % 32 == 0 and k > 0
 
 
 def gemv_fast() -> bool:

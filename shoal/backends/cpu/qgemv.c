@@ -47,7 +47,6 @@ int qgemv_set_prefetch(int rows) {
     return old;
 }
 static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
-static inline void qg_prefetch_l2(const void *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p)); }
 
 /* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
 int qgemv_fast(void) { return QG_FAST; }
@@ -326,9 +325,8 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
  * vpermw per 32 weights) into an A tile of 16 output rows × 32 lane-order positions, and the
  * activations are laid out once per call as the matching B tiles (pairs of K positions × rows).
  * Products accumulate in fp32 tiles over the whole of K; y is rounded to bf16 once.
- * More than 64 rows (prompts) go through qg_amx_rows below instead.
  * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no AMX, N % 16, K odd,
- * M > 64 with K % 32 != 0): the caller runs another kernel.
+ * M > 64): the caller runs another kernel (prompts: panel_gemm below).
  * ------------------------------------------------------------------------------------------------ */
 #include "amx.h"
 #if QG_FAST && defined(AMX_TILES)
@@ -354,10 +352,17 @@ static inline void qg_decode_pair(__m512i codes, __m512i table, uint16_t *row0, 
     _mm512_store_si512(row1, _mm512_permutexvar_epi16(i1, table));
 }
 
-/* an asm statement: GCC deletes _mm_prefetch loops whose results it considers unused */
-
 #endif
 
+/* ------------------------------------------------------------------------------------------------
+ * Prompt-sized products (more than 64 rows) on AMX tiles, from a bf16 copy of the weight laid out
+ * once as VNNI B tiles ("panels"): for each block of 16 output columns, K / 32 tiles of 16 pairs of
+ * K positions (natural order) × 16 columns. quant_panels builds them from the packed int4/int8
+ * weight (the lane-order decode of quant_gemm_amx, the same bf16 values, transposed in registers);
+ * panel_gemm multiplies: activation rows straight from x as A tiles, 32 rows × 32 columns at a time
+ * through 2 × 2 accumulator tiles (C[m][n] lands in y's layout), rows in chunks of ~1 MB of x so
+ * that a chunk stays in L2 while every column block streams past it. Needs K % 32 == 0 and N % 16 == 0.
+ * ------------------------------------------------------------------------------------------------ */
 #ifdef QG_AMX
 /* 16 × 16 dwords transposed in registers: on return v[j] holds element j of every input row */
 static inline void qg_transpose16(__m512i v[16]) {
@@ -382,175 +387,188 @@ static inline void qg_transpose16(__m512i v[16]) {
         v[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
     }
 }
+#endif
 
-/* M > 64 rows (prompts): the weight is decoded once per 32 output columns into a panel of VNNI B
- * tiles (16 pairs of K positions × 16 columns, in natural K order), and the activation rows are
- * read straight from x as A tiles, 32 rows × 32 columns at a time through 2 × 2 accumulator tiles
- * (C[m][n] lands in y's layout). Each panel tile is built from the lane-order decode of the GEMM
- * above (same bf16 weights), transposed in registers. Needs K % 32 == 0. Tiles: C 0..3, A 4–5, B 6–7.
- * The 30 layers of the default model at 512 rows: ~100 ms vs ~115-145 ms for oneDNN's prepacked
- * bf16 matmul; at 2048 rows slower (~420 vs ~300 ms: x no longer fits in L2 and is reread for every
- * 32 columns), so the caller sends those to oneDNN. */
-static int qg_amx_rows(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales,
-                       const uint16_t *offs, uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads) {
+/* panels [N/16][K/32][16 pairs][16 columns] bf16 pairs (uint32) from a packed int4 (kind 4) or
+ * int8 (kind 8) weight; int8's row scale is not folded in (panel_gemm applies it). Returns 0, -1
+ * when scratch allocation failed, -2 when it does not apply. */
+int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs, uint32_t *panels,
+                 int64_t N, int K, int nthreads) {
+#ifndef QG_AMX
+    (void)kind, (void)codes, (void)scales, (void)offs, (void)panels, (void)N, (void)K, (void)nthreads;
+    return -2;
+#else
+    if ((kind != 4 && kind != 8) || N % 16 || K % 32 || K < 32) return -2;
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, KN = K / 32;
-    const int64_t NB = N / 16, NB2 = (NB + 1) / 2;
     const size_t sfp = ((size_t)16 * Gp + 15) / 16 * 16;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        /* per thread: the panel (2 halves × KN tiles), the lane-order decode of one 64-byte block (4
-         * chunks), C staging, the block's scales/offsets in fp32, and two zero-padded A tails */
-        const size_t panel = (size_t)2 * KN * 1024, tail = ((size_t)16 * K * 2 + 63) / 64 * 64;
-        char *buf = aligned_alloc(64, panel + 4096 + 1024 + 2 * sfp * 4 + 2 * tail);
+        /* per thread: the lane-order decode of one 64-byte block (4 chunks × 16 rows × 32 bf16) and
+         * the block's scales and offsets in fp32 */
+        uint16_t *ab = aligned_alloc(64, 4096 + 2 * sfp * 4);
+        if (!ab) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *sf = (float *)(ab + 2048), *mf = sf + sfp;
+            const __m512i low = _mm512_set1_epi8(0x0f);
+#pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < N / 16; nb++) {
+                uint32_t *half = panels + (size_t)nb * KN * 256;
+                if (kind == 4) {
+                    const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
+                    int64_t o = 0;
+                    for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
+                        _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
+                        _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
+                    }
+                    for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
+                }
+                for (int p = 0; p < P; p += (kind == 4 ? 2 : 1)) {
+                    const int two = kind == 4 && p + 2 <= P;
+                    for (int i = 0; i < 16; i++) {
+                        const int64_t n = nb * 16 + i;
+                        if (kind == 8) { /* exactly: 2^23 + u − (2^23 + 128) in fp32, as quant_gemm_amx */
+                            const uint8_t *c = codes + n * (int64_t)Kp + 64 * p;
+                            for (int h = 0; h < 2; h++) {
+                                const __m512i bias = _mm512_set1_epi32(0x4B000000);
+                                const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
+                                const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                                                      _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
+                                const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                                                      _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
+                                _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                            }
+                            continue;
+                        }
+                        const uint8_t *c = codes + n * (int64_t)P * 32 + 32 * p;
+                        const float *s = sf + i * Gp + 2 * p, *m = mf + i * Gp + 2 * p;
+                        if (two) {
+                            const __m512i v = _mm512_loadu_si512((const void *)c);
+                            qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
+                            qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2),
+                                           ab + 1024 + i * 32, ab + 1536 + i * 32);
+                        } else {
+                            const __m256i v = _mm256_loadu_si256((const void *)c);
+                            const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+                            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
+                            qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m),
+                                           ab + i * 32, ab + 512 + i * 32);
+                        }
+                    }
+                    /* each decoded chunk (16 rows × 16 lane dwords) transposed: vector j is lane
+                     * dword d = 16·(q & 1) + j of pair p + q / 2 for the 16 rows, i.e. natural dword
+                     * e = 16·((d >> 1) & 1) + 2·(d >> 2) + (d & 1): row e & 15 of tile 2·(p + q/2) + e/16 */
+                    const int nch = two ? 4 : 2;
+                    for (int q = 0; q < nch; q++) {
+                        __m512i v[16];
+                        for (int i = 0; i < 16; i++) v[i] = _mm512_load_si512(ab + q * 512 + i * 32);
+                        qg_transpose16(v);
+                        for (int j = 0; j < 16; j++) {
+                            const int d = 16 * (q & 1) + j, e = 16 * ((d >> 1) & 1) + 2 * (d >> 2) + (d & 1);
+                            const int c = 2 * (p + q / 2) + e / 16;
+                            if (c < KN) _mm512_store_si512(half + (size_t)c * 256 + (e & 15) * 16, v[j]);
+                        }
+                    }
+                }
+            }
+        }
+        free(ab);
+    }
+    return failed ? -1 : 0;
+#endif
+}
+
+#define PG_CHUNK_BYTES (1 << 20) /* activation rows per chunk: about 1 MB of x (half of L2) */
+
+/* y [M, N] bf16 = x [M, K] bf16 · panels (quant_panels)ᵀ, times oscale[n] when oscale is given (the
+ * int8 row scales). Returns 0, -1 when scratch allocation failed, -2 when it does not apply. */
+int panel_gemm(const uint16_t *x, int64_t ldx, const uint32_t *panels, const float *oscale, uint16_t *y,
+               int64_t ldy, int M, int64_t N, int K, int nthreads) {
+#ifndef QG_AMX
+    (void)x, (void)ldx, (void)panels, (void)oscale, (void)y, (void)ldy, (void)M, (void)N, (void)K, (void)nthreads;
+    return -2;
+#else
+    if (M < 1 || N % 16 || K % 32 || K < 32 || !amx_permitted()) return -2;
+    const int KN = K / 32;
+    const int64_t NB = N / 16, NB2 = (NB + 1) / 2;
+    static const uint32_t zero_tile[256] __attribute__((aligned(64))) = {0};
+    /* rows per chunk: a multiple of 32 with the chunk's x near PG_CHUNK_BYTES, at least 64 */
+    const int MC = (int)(PG_CHUNK_BYTES / (2 * K) / 32 * 32) < 64 ? 64 : (int)(PG_CHUNK_BYTES / (2 * K) / 32 * 32);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: C staging and two zero-padded A tiles for a chunk's last rows */
+        const size_t tail = ((size_t)16 * K * 2 + 63) / 64 * 64;
+        char *buf = aligned_alloc(64, 1024 + 2 * tail);
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
         if (!failed) {
-            uint32_t *pan = (uint32_t *)buf;
-            uint16_t *ab = (uint16_t *)(buf + panel);
-            float *cs = (float *)(buf + panel + 4096), *sf = cs + 256, *mf = sf + sfp;
-            uint16_t *tl[2] = {(uint16_t *)((char *)(mf + sfp)), (uint16_t *)((char *)(mf + sfp) + tail)};
-            const __m512i low = _mm512_set1_epi8(0x0f);
-            const int nth = omp_get_num_threads();
+            float *cs = (float *)buf;
+            uint16_t *tl[2] = {(uint16_t *)(buf + 1024), (uint16_t *)(buf + 1024 + tail)};
             amx_configure();
-#pragma omp for schedule(static, 1)
-            for (int64_t jb = 0; jb < NB2; jb++) {
-                for (int hh = 0; hh < 2; hh++) {
-                    const int64_t nb = 2 * jb + hh;
-                    uint32_t *half = pan + (size_t)hh * KN * 256;
-                    if (nb >= NB) { /* an odd last block: zero columns, not stored */
-                        memset(half, 0, (size_t)KN * 1024);
-                        continue;
-                    }
-                    if (kind == 4) {
-                        const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
-                        int64_t o = 0;
-                        for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
-                            _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
-                            _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
-                        }
-                        for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
-                    }
-                    /* the thread's next block (static schedule: jb + nth) into L2 while this one decodes */
-                    if (hh == 0 && jb + nth < NB2) {
-                        const int64_t rb = kind == 4 ? (int64_t)P * 32 : (int64_t)Kp; /* code bytes a row */
-                        const char *nc = (const char *)codes + (jb + nth) * 32 * rb;
-                        const int64_t nbytes = (NB - 2 * (jb + nth) < 2 ? 16 : 32) * rb;
-                        for (int64_t o = 0; o < nbytes; o += 64) qg_prefetch_l2(nc + o);
-                        if (kind == 4)
-                            for (int64_t o = 0; o < nbytes / rb * Gp * 2; o += 64) {
-                                qg_prefetch_l2((const char *)(scales + (jb + nth) * 32 * Gp) + o);
-                                qg_prefetch_l2((const char *)(offs + (jb + nth) * 32 * Gp) + o);
-                            }
-                    }
-                    for (int p = 0; p < P; p += (kind == 4 ? 2 : 1)) {
-                        const int two = kind == 4 && p + 2 <= P;
-                        for (int i = 0; i < 16; i++) {
-                            const int64_t n = nb * 16 + i;
-                            if (kind == 8) {
-                                const uint8_t *c = codes + n * (int64_t)Kp + 64 * p;
-                                for (int h = 0; h < 2; h++) {
-                                    const __m512i bias = _mm512_set1_epi32(0x4B000000);
-                                    const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
-                                    const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
-                                    const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
-                                    _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            for (int mc = 0; mc < M; mc += MC) {
+                const int mend = mc + MC < M ? mc + MC : M;
+#pragma omp for schedule(static)
+                for (int64_t jb = 0; jb < NB2; jb++) {
+                    const uint32_t *b0 = panels + (size_t)(2 * jb) * KN * 256;
+                    const uint32_t *b1 = 2 * jb + 1 < NB ? b0 + (size_t)KN * 256 : NULL; /* NULL: zero columns */
+                    for (int m0 = mc; m0 < mend; m0 += 32) {
+                        const uint16_t *a[2];
+                        int64_t lda[2];
+                        for (int mi = 0; mi < 2; mi++) {
+                            const int r0 = m0 + 16 * mi, valid = mend - r0 < 16 ? (mend - r0 < 0 ? 0 : mend - r0) : 16;
+                            if (valid == 16) {
+                                a[mi] = x + (int64_t)r0 * ldx, lda[mi] = ldx * 2;
+                            } else if (valid > 0) {
+                                for (int i = 0; i < 16; i++) {
+                                    if (i < valid) memcpy(tl[mi] + (size_t)i * K, x + (int64_t)(r0 + i) * ldx, (size_t)K * 2);
+                                    else memset(tl[mi] + (size_t)i * K, 0, (size_t)K * 2);
                                 }
-                                continue;
-                            }
-                            const uint8_t *c = codes + n * (int64_t)P * 32 + 32 * p;
-                            const float *s = sf + i * Gp + 2 * p, *m = mf + i * Gp + 2 * p;
-                            if (two) {
-                                const __m512i v = _mm512_loadu_si512((const void *)c);
-                                qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
-                                qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2),
-                                               ab + 1024 + i * 32, ab + 1536 + i * 32);
+                                a[mi] = tl[mi], lda[mi] = (int64_t)K * 2;
                             } else {
-                                const __m256i v = _mm256_loadu_si256((const void *)c);
-                                const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
-                                const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
-                                qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m),
-                                               ab + i * 32, ab + 512 + i * 32);
+                                a[mi] = NULL, lda[mi] = 0;
                             }
                         }
-                        /* each decoded chunk (16 rows × 16 lane dwords) transposed: vector j is lane
-                         * dword d = 16·(q & 1) + j of pair p + q / 2 for the 16 rows, i.e. natural
-                         * dword e = 16·((d >> 1) & 1) + 2·(d >> 2) + (d & 1): row e & 15 of panel
-                         * tile 2·(p + q / 2) + e / 16 */
-                        const int nch = kind == 4 && two ? 4 : 2;
-                        for (int q = 0; q < nch; q++) {
-                            __m512i v[16];
-                            for (int i = 0; i < 16; i++) v[i] = _mm512_load_si512(ab + q * 512 + i * 32);
-                            qg_transpose16(v);
-                            for (int j = 0; j < 16; j++) {
-                                const int d = 16 * (q & 1) + j, e = 16 * ((d >> 1) & 1) + 2 * (d >> 2) + (d & 1);
-                                const int c = 2 * (p + q / 2) + e / 16;
-                                if (c < KN) _mm512_store_si512(half + (size_t)c * 256 + (e & 15) * 16, v[j]);
-                            }
-                        }
-                    }
-                }
-                /* the 32 columns against every 32 activation rows */
-                for (int m0 = 0; m0 < M; m0 += 32) {
-                    const uint16_t *a[2];
-                    int64_t lda[2];
-                    for (int mi = 0; mi < 2; mi++) {
-                        const int r0 = m0 + 16 * mi, valid = M - r0 < 16 ? (M - r0 < 0 ? 0 : M - r0) : 16;
-                        if (valid == 16) {
-                            a[mi] = x + (int64_t)r0 * ldx, lda[mi] = ldx * 2;
-                        } else if (valid > 0) {
-                            for (int i = 0; i < 16; i++) {
-                                if (i < valid) memcpy(tl[mi] + (size_t)i * K, x + (int64_t)(r0 + i) * ldx, (size_t)K * 2);
-                                else memset(tl[mi] + (size_t)i * K, 0, (size_t)K * 2);
-                            }
-                            a[mi] = tl[mi], lda[mi] = (int64_t)K * 2;
-                        } else {
-                            a[mi] = NULL, lda[mi] = 0;
-                        }
-                    }
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int c = 0; c < KN; c++) {
-                        if (a[1]) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                        for (int c = 0; c < KN; c++) {
                             _tile_loadd(4, a[0] + c * 32, lda[0]);
-                            _tile_loadd(6, pan + (size_t)c * 256, 64);
+                            _tile_loadd(6, b0 + (size_t)c * 256, 64);
                             _tile_dpbf16ps(0, 4, 6);
-                            _tile_loadd(7, pan + (size_t)(KN + c) * 256, 64);
+                            _tile_loadd(7, b1 ? b1 + (size_t)c * 256 : zero_tile, 64);
                             _tile_dpbf16ps(1, 4, 7);
-                            _tile_loadd(5, a[1] + c * 32, lda[1]);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        } else {
-                            _tile_loadd(4, a[0] + c * 32, lda[0]);
-                            _tile_loadd(6, pan + (size_t)c * 256, 64);
-                            _tile_loadd(7, pan + (size_t)(KN + c) * 256, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
+                            if (a[1]) {
+                                _tile_loadd(5, a[1] + c * 32, lda[1]);
+                                _tile_dpbf16ps(2, 5, 6);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
                         }
-                    }
-                    for (int t = 0; t < 4; t++) {
-                        const int mi = t >> 1, ni = t & 1;
-                        const int64_t nb = 2 * jb + ni, r0 = m0 + 16 * mi;
-                        if (nb >= NB || r0 >= M) continue;
-                        switch (t) {
-                            case 0: _tile_stored(0, cs, 64); break;
-                            case 1: _tile_stored(1, cs, 64); break;
-                            case 2: _tile_stored(2, cs, 64); break;
-                            default: _tile_stored(3, cs, 64);
-                        }
-                        const __m512 sc = kind == 8 ? _mm512_loadu_ps((const float *)scales + nb * 16) : _mm512_set1_ps(1.f);
-                        const int valid = M - r0 < 16 ? (int)(M - r0) : 16;
-                        for (int i = 0; i < valid; i++) {
-                            __m512 v = _mm512_load_ps(cs + 16 * i);
-                            if (kind == 8) v = _mm512_mul_ps(v, sc);
-                            _mm256_storeu_si256((__m256i *)(y + (r0 + i) * ldy + nb * 16), bf16x16(v));
+                        for (int t = 0; t < 4; t++) {
+                            const int mi = t >> 1, ni = t & 1;
+                            const int64_t nb = 2 * jb + ni, r0 = m0 + 16 * mi;
+                            if (nb >= NB || r0 >= mend) continue;
+                            switch (t) {
+                                case 0: _tile_stored(0, cs, 64); break;
+                                case 1: _tile_stored(1, cs, 64); break;
+                                case 2: _tile_stored(2, cs, 64); break;
+                                default: _tile_stored(3, cs, 64);
+                            }
+                            const __m512 sc = oscale ? _mm512_loadu_ps(oscale + nb * 16) : _mm512_set1_ps(1.f);
+                            const int valid = mend - r0 < 16 ? (int)(mend - r0) : 16;
+                            for (int i = 0; i < valid; i++) {
+                                __m512 v = _mm512_load_ps(cs + 16 * i);
+                                if (oscale) v = _mm512_mul_ps(v, sc);
+                                _mm256_storeu_si256((__m256i *)(y + (r0 + i) * ldy + nb * 16), bf16x16(v));
+                            }
                         }
                     }
                 }
@@ -560,8 +578,8 @@ static int qg_amx_rows(int kind, const uint16_t *x, int64_t ldx, const uint8_t *
         free(buf);
     }
     return failed ? -1 : 0;
-}
 #endif
+}
 
 int quant_gemm_amx_available(void) {
 #ifdef QG_AMX
@@ -578,8 +596,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
     (void)nthreads;
     return -2;
 #else
-    if ((kind != 4 && kind != 8) || M < 1 || N % 16 || K % 2 || !amx_permitted()) return -2;
-    if (M > 64) return K % 32 ? -2 : qg_amx_rows(kind, x, ldx, codes, scales, offs, y, ldy, M, N, K, nthreads);
+    if ((kind != 4 && kind != 8) || M < 1 || M > 64 || N % 16 || K % 2 || !amx_permitted()) return -2;
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, KC = Kp / 32, MB = (M + 15) / 16, Gp = Kp / 32;
     /* B tiles: xb[kc][mb] = 16 rows (dword r of the chunk) × 16 activation rows, 1 KB each. Chunk kc
      * is half kc & 1 of pair kc >> 1; lane dword d of a pair holds x dword 16·((d>>1)&1) + 2·(d>>2) + (d&1) */
