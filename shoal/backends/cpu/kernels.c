@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 
+#include "amx.h"
 #include "scalar.h"
 
 #ifdef __AVX512F__
@@ -193,6 +194,68 @@ static inline __attribute__((always_inline)) void scores_bf16(const uint16_t *q,
 }
 #endif
 
+#ifdef AMX_TILES
+/* Scores on AMX tiles, for bf16 caches with D % 32 == 0 (D ≤ 128) and BS % 16 == 0: sixteen cached
+ * keys of one block are an A tile read in place (rows HKV·D apart), the query heads a B tile per 32
+ * dimensions (pairs of dimensions × heads, zero past gn heads), loaded once per item into tiles
+ * 2.. (tiles set up by the caller's amx_configure). C (tile 0) is 16 keys × 16 heads in fp32; head
+ * g's column goes to sc[g·ld + t] by one gather. Same products as scores_bf16 (bf16 × bf16 exact in
+ * fp32), summed in another order; no vector work per key beyond the gather. */
+static inline __attribute__((always_inline)) void scores_amx(const uint16_t *q, const uint16_t *k_cache,
+                                                             const int64_t *tab, int64_t len, int BS, int HKV, int h,
+                                                             int D, int gn, float scale, float *sc, int64_t ld,
+                                                             uint32_t *qv, float *cs) {
+    const int NC = D / 32;
+    /* qv[c][r][g] = dimensions 32c + 2r, 32c + 2r + 1 of head g */
+    memset(qv, 0, (size_t)NC * 1024);
+    for (int g = 0; g < gn; g++) {
+        const uint32_t *qg = (const uint32_t *)(q + (int64_t)g * D);
+        for (int c = 0; c < NC; c++)
+            for (int r = 0; r < 16; r++) qv[c * 256 + r * 16 + g] = qg[c * 16 + r];
+    }
+    for (int c = 0; c < NC; c++) {
+        switch (c) {
+            case 0: _tile_loadd(2, qv, 64); break;
+            case 1: _tile_loadd(3, qv + 256, 64); break;
+            case 2: _tile_loadd(4, qv + 512, 64); break;
+            default: _tile_loadd(5, qv + 768, 64);
+        }
+    }
+    const int64_t stride = (int64_t)HKV * D * 2;
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+        const int64_t base = tab[blk] * BS, nb = len - t0 < BS ? len - t0 : BS;
+        for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+            /* rows past the sequence's end hold stale values: their own rows of C only, dropped below */
+            const int n = nb - j0 < 16 ? (int)(nb - j0) : 16;
+            const uint16_t *k0 = k_cache + ((base + j0) * HKV + h) * (int64_t)D;
+            _tile_zero(0);
+            _tile_loadd(1, k0, stride);
+            _tile_dpbf16ps(0, 1, 2);
+            if (NC > 1) {
+                _tile_loadd(1, k0 + 32, stride);
+                _tile_dpbf16ps(0, 1, 3);
+            }
+            if (NC > 2) {
+                _tile_loadd(1, k0 + 64, stride);
+                _tile_dpbf16ps(0, 1, 4);
+            }
+            if (NC > 3) {
+                _tile_loadd(1, k0 + 96, stride);
+                _tile_dpbf16ps(0, 1, 5);
+            }
+            _tile_stored(0, cs, 64);
+            const __mmask16 m = (__mmask16)((1u << n) - 1u);
+            for (int g = 0; g < gn; g++)
+                _mm512_mask_storeu_ps(sc + g * ld + t0 + j0, m,
+                                      _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, cs + g, 4), vscale));
+        }
+    }
+}
+#endif
+
 #ifdef __AVX512F__
 /* The weighted sum row by row, for NC = DV / 16 column vectors and gn heads with gn·NC ≤ 24
  * accumulators in registers: each V row is loaded and widened once, then one FMA per head and
@@ -260,6 +323,13 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
 /* q [B, HQ, D]; k_cache [NB, BS, HKV, D]; v_cache [NB, BS, HKV, DV]; tables [B, W] int64;
  * seq_lens [B] int64; out [B, HQ, DV]. All contiguous, same dtype (bf16 when is_bf16, else fp32).
  * Returns 0, or -1 when a scratch allocation failed (the caller falls back). */
+static int attn_amx = 1; /* a benchmarking knob: set_decode_attention_amx(0) keeps the AVX-512 scores */
+int set_decode_attention_amx(int on) {
+    const int old = attn_amx;
+    attn_amx = on;
+    return old;
+}
+
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS,
                            int W, float scale, int is_bf16, int nthreads) {
@@ -268,10 +338,23 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     int64_t max_len = 1;
     for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     int failed = 0;
+#ifdef AMX_TILES
+    const int amx = is_bf16 && D % 32 == 0 && D <= 128 && BS % 16 == 0 && GB <= 16 && attn_amx && amx_permitted();
+#endif
 #pragma omp parallel num_threads(nthreads)
     {
-        /* per thread: GB query rows, GB×DV accumulators, GB×max_len scores */
+        /* per thread: GB query rows, GB×DV accumulators, GB×max_len scores; with AMX the query tiles
+         * (D / 32 KB) and a C tile's staging (1 KB) */
         float *qf = malloc(sizeof(float) * ((size_t)GB * D + (size_t)GB * DV + (size_t)GB * (size_t)max_len));
+#ifdef AMX_TILES
+        uint32_t *qv = amx ? aligned_alloc(64, 4096 + 1024) : NULL;
+        float *cs = qv ? (float *)(qv + 1024) : NULL;
+        if (amx && !qv) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (amx && qv) amx_configure();
+#endif
         if (!qf) {
 #pragma omp atomic write
             failed = 1;
@@ -299,6 +382,12 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     }
                     /* a literal head count per case: the compiler unrolls the g loops and keeps the
                      * accumulators in registers */
+#ifdef AMX_TILES
+                    if (amx) {
+                        scores_amx((const uint16_t *)q + ((int64_t)b * HQ + h * G + g0) * D, k_cache, tab, len, BS,
+                                   HKV, h, D, gn, scale, sc, len, qv, cs);
+                    } else
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
                     if (is_bf16 && D % 32 == 0 && BS % 16 == 0) {
                         scores_bf16((const uint16_t *)q + ((int64_t)b * HQ + h * G + g0) * D, k_cache, tab, len, BS,
@@ -352,6 +441,10 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                 }
             }
         }
+#ifdef AMX_TILES
+        if (qv) _tile_release();
+        free(qv);
+#endif
         free(qf);
     }
     return failed ? -1 : 0;
@@ -504,7 +597,6 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
  * Needs bf16, D % 32 == 0, DV % 16 == 0, BS % 16 == 0. Returns 0; -1 when a scratch allocation
  * failed; -2 when AMX is not compiled in or the kernel does not grant it (the caller falls back).
  * ------------------------------------------------------------------------------------------------ */
-#include "amx.h"
 #ifdef AMX_TILES
 /* 2^t for t ≤ 0: a degree-4 polynomial for 2^f on [-0.5, 0.5] (relative error 3e-6; the
  * probabilities are rounded to bf16 next), scaled back with vscalefps (0 for t far below -126) */
