@@ -180,3 +180,30 @@ def test_compile_failure_is_reported_and_falls_back(monkeypatch, tmp_path, caplo
     with caplog.at_level("WARNING", logger="shoal"):
         assert kernels._compile() is None
     assert "CPU kernels are off" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_rows_match_the_torch_form(dtype):
+    """kernels.c store_rows (eager prompt chunks): the same cache as index_copy_, for K/V that are
+    strided views of a fused qkv projection, scattered slots; fewer rows or out-of-range slots are
+    left to the torch form."""
+    if kernels.library() is None:
+        pytest.skip("the C kernels are not built here")
+    from shoal.backends import cpu
+
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(40, 16, 3, 64, generator=g).to(dtype)
+    want = cache.clone()
+    qkv = torch.randn(200, 960, generator=g).to(dtype)
+    k = qkv[:, 576:768].view(200, 3, 64)
+    slots = torch.randperm(640, generator=g)[:200]
+    assert kernels.store_kv(cache, slots, k)
+    native.store_kv(want, slots, k)
+    assert torch.equal(cache, want)
+    assert not kernels.store_kv(cache, slots[:10], k[:10])  # a decode step's rows: index_copy_
+    assert not kernels.store_kv(cache, torch.full((200,), 640), k)  # out of range: the torch form raises
+    with pytest.raises(IndexError):
+        cpu.store_kv(cache, torch.full((200,), 640), k)
+    cpu.store_kv(cache, slots.flip(0), k)  # through the platform op
+    native.store_kv(want, slots.flip(0), k)
+    assert torch.equal(cache, want)

@@ -161,6 +161,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.rotary.argtypes = [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]
     lib.silu_and_mul.restype = None
     lib.silu_and_mul.argtypes = [vp, i64, vp, i64, i32, i32, i32]
+    lib.store_rows.restype = None
+    lib.store_rows.argtypes = [vp, i64, vp, vp, i64, i64, i32]
     lib.quant_gemv.restype = i32
     lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.qgemv_fast.restype = i32
@@ -294,6 +296,31 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     library().rotary(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, nh, r,
                      int(interleaved), _flag(x), torch.get_num_threads())
     return out
+
+
+STORE_KV_MIN_ROWS = 64
+
+
+def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> bool:
+    """The C row copy into the paged cache for an eager step of STORE_KV_MIN_ROWS rows or more (a
+    prompt chunk); False when it does not apply (the caller runs the torch form): fewer rows (the
+    checks here cost more than index_copy_ saves), compiling, not CPU, dtypes differ, a
+    non-contiguous cache or values whose rows are not contiguous, or slots out of range (the torch
+    form raises the error)."""
+    if (torch.compiler.is_compiling() or library() is None or cache.device.type != "cpu"
+            or values.dtype != cache.dtype or not cache.is_contiguous() or values.shape[0] < STORE_KV_MIN_ROWS):
+        return False
+    row = cache[0, 0].numel()
+    v = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(-1, 1)
+    if v.shape[1] != row or v.stride(1) != 1:
+        return False
+    slots = slot_mapping.to(torch.long).contiguous()
+    if slots.numel() != v.shape[0] or int(slots.min()) < 0 or int(slots.max()) >= cache.shape[0] * cache.shape[1]:
+        return False
+    elem = cache.element_size()
+    library().store_rows(v.data_ptr(), v.stride(0) * elem, cache.data_ptr(), slots.data_ptr(), v.shape[0], row * elem,
+                         torch.get_num_threads())
+    return True
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
