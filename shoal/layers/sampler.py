@@ -74,6 +74,11 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    if all(r.params.greedy and not r.params.needs_penalties and r.params.logprobs is None
+           and not (r.blocked_ids and len(r.output_ids) < r.params.min_tokens) for r in rows):
+        # greedy with nothing to adjust: the argmax of the logits as they come (bf16 → fp32 is exact,
+        # so the same token, first on ties), without an fp32 copy of [S, V] (0.3 ms at [32, 49152])
+        return SamplerOutput(logits.max(dim=-1).indices.tolist(), None, None)
     logits = logits.float()
     _apply_penalties(logits, rows)
     for i, r in enumerate(rows):

@@ -142,3 +142,21 @@ def test_top_p_min_p_unit():
         row = SamplingRow(SamplingParams(temperature=1.0, min_p=0.5), [], [], g, [])
         seen.add(sample(logits.clone(), [row]).token_ids[0])
     assert seen == {0, 1}  # min_p 0.5 × 0.5 = 0.25 keeps 0.5 and 0.3
+
+
+def test_greedy_fast_path_matches_the_fp32_path():
+    """All-greedy rows with nothing to adjust take the argmax of the logits as they come (bf16 here);
+    the same tokens as the fp32 path, first index on ties, and a row with a penalty or logprobs in
+    the batch sends every row through the full path."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g).bfloat16()
+    logits[0, 7] = logits[0, 300] = 9.0  # a tie: the first index wins
+    plain = [SamplingRow(SamplingParams(temperature=0), [1], [], None, []) for _ in range(6)]
+    fast = sample(logits, plain)
+    assert fast.token_ids[0] == 7 and fast.logprobs is None
+    assert fast.token_ids == logits.float().argmax(dim=-1).tolist()
+    with_lp = plain[:5] + [SamplingRow(SamplingParams(temperature=0, logprobs=1), [1], [], None, [])]
+    full = sample(logits, with_lp)
+    assert full.token_ids == fast.token_ids and full.logprobs is not None
+    penalised = plain[:5] + [SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), [1], [300], None, [])]
+    assert sample(logits, penalised).token_ids[:5] == fast.token_ids[:5]
