@@ -104,7 +104,11 @@ def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.
         key = ("cpu-mkldnn", x.dtype)
         pw = qweight.kernel_cache.get(key)
         if pw is None:
-            pw = qweight.kernel_cache[key] = torch.ops.mkldnn._reorder_linear_weight(_dense(qweight, x.dtype), 32)
+            # from a transient dequantized copy: the prepacked one is all this path keeps (a weight
+            # already holds its packed form and, for prompts, its panel_gemm tiles)
+            dense = qweight.kernel_cache.get(("cpu-dense", x.dtype))
+            dense = qweight.dequantize(x.dtype) if dense is None else dense
+            pw = qweight.kernel_cache[key] = torch.ops.mkldnn._reorder_linear_weight(dense, 32)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), pw, bias, "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
     return F.linear(x, _dense(qweight, x.dtype), bias)
