@@ -352,6 +352,52 @@ static inline void qg_decode_pair(__m512i codes, __m512i table, uint16_t *row0, 
     _mm512_store_si512(row1, _mm512_permutexvar_epi16(i1, table));
 }
 
+/* a 16-row block's fp16 scales and offsets (Gp groups a row) → fp32 sf, mf */
+static inline __attribute__((always_inline)) void qg_block_scales(const uint16_t *scales, const uint16_t *offs,
+                                                                  int64_t nb, int Gp, float *sf, float *mf) {
+    const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
+    int64_t o = 0;
+    for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
+        _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
+        _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
+    }
+    for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
+}
+
+/* int8: one row's 64 bytes (q + 128) of a pair → row i of A chunks 0 and 1, exactly (2^23 + u −
+ * (2^23 + 128) in fp32, then bf16); the row's scale is applied to the output */
+static inline __attribute__((always_inline)) void qg_decode_int8_row(const uint8_t *c, uint16_t *ab, int i) {
+    const __m512i bias = _mm512_set1_epi32(0x4B000000);
+    const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
+    for (int h = 0; h < 2; h++) {
+        const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                              _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
+        const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
+                              _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
+        _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* int4: one row's 64-byte block of two pairs (two) → row i of A chunks 0..3, or its 32-byte last
+ * pair (byte j: value j low, value j + 32 high) → chunks 0 and 1; s, m: the row's fp32 scales and
+ * offsets from the block's first group */
+static inline __attribute__((always_inline)) void qg_decode_int4_row(const uint8_t *c, const float *s, const float *m,
+                                                                     int two, uint16_t *ab, int i) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    if (two) {
+        const __m512i v = _mm512_loadu_si512((const void *)c);
+        qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
+        qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2), ab + 1024 + i * 32,
+                       ab + 1536 + i * 32);
+    } else {
+        const __m256i v = _mm256_loadu_si256((const void *)c);
+        const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+        const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
+        qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m), ab + i * 32,
+                       ab + 512 + i * 32);
+    }
+}
+
 #endif
 
 /* ------------------------------------------------------------------------------------------------
@@ -414,50 +460,19 @@ int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const u
 #pragma omp barrier
         if (!failed) {
             float *sf = (float *)(ab + 2048), *mf = sf + sfp;
-            const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < N / 16; nb++) {
                 uint32_t *half = panels + (size_t)nb * KN * 256;
-                if (kind == 4) {
-                    const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
-                    int64_t o = 0;
-                    for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
-                        _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
-                        _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
-                    }
-                    for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
-                }
+                if (kind == 4) qg_block_scales(scales, offs, nb, Gp, sf, mf);
                 for (int p = 0; p < P; p += (kind == 4 ? 2 : 1)) {
                     const int two = kind == 4 && p + 2 <= P;
                     for (int i = 0; i < 16; i++) {
                         const int64_t n = nb * 16 + i;
-                        if (kind == 8) { /* exactly: 2^23 + u − (2^23 + 128) in fp32, as quant_gemm_amx */
-                            const uint8_t *c = codes + n * (int64_t)Kp + 64 * p;
-                            for (int h = 0; h < 2; h++) {
-                                const __m512i bias = _mm512_set1_epi32(0x4B000000);
-                                const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
-                                const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                      _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
-                                const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                      _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
-                                _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                            }
-                            continue;
-                        }
-                        const uint8_t *c = codes + n * (int64_t)P * 32 + 32 * p;
-                        const float *s = sf + i * Gp + 2 * p, *m = mf + i * Gp + 2 * p;
-                        if (two) {
-                            const __m512i v = _mm512_loadu_si512((const void *)c);
-                            qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
-                            qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2),
-                                           ab + 1024 + i * 32, ab + 1536 + i * 32);
-                        } else {
-                            const __m256i v = _mm256_loadu_si256((const void *)c);
-                            const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
-                            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
-                            qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m),
-                                           ab + i * 32, ab + 512 + i * 32);
-                        }
+                        if (kind == 8)
+                            qg_decode_int8_row(codes + n * (int64_t)Kp + 64 * p, ab, i);
+                        else
+                            qg_decode_int4_row(codes + n * (int64_t)P * 32 + 32 * p, sf + i * Gp + 2 * p,
+                                               mf + i * Gp + 2 * p, two, ab, i);
                     }
                     /* each decoded chunk (16 rows × 16 lane dwords) transposed: vector j is lane
                      * dword d = 16·(q & 1) + j of pair p + q / 2 for the 16 rows, i.e. natural dword
@@ -635,18 +650,9 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
         if (!failed) {
             float *cs = (float *)(ab + 4 * 512), *sf = cs + 256, *mf = sf + sfp;
             amx_configure();
-            const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < N / 16; nb++) {
-                if (kind == 4) {
-                    const uint16_t *bs = scales + nb * 16 * Gp, *bm = offs + nb * 16 * Gp;
-                    int64_t o = 0;
-                    for (; o + 16 <= 16 * (int64_t)Gp; o += 16) {
-                        _mm512_store_ps(sf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bs + o))));
-                        _mm512_store_ps(mf + o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bm + o))));
-                    }
-                    for (; o < 16 * (int64_t)Gp; o++) sf[o] = _cvtsh_ss(bs[o]), mf[o] = _cvtsh_ss(bm[o]);
-                }
+                if (kind == 4) qg_block_scales(scales, offs, nb, Gp, sf, mf);
                 for (int mb = 0; mb < MB; mb++) amx_zero(2 + mb);
                 /* int8: 64 bytes (q + 128) a pair and row, decoded exactly to bf16 (2^23 + u − (2^23 + 128) in
                  * fp32); the row's scale multiplies the output */
@@ -654,15 +660,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
                     for (int i = 0; i < 16; i++) {
                         const uint8_t *c = codes + (nb * 16 + i) * (int64_t)Kp + 64 * p;
                         if (nb + 1 < N / 16) qg_prefetch(c + 16 * (int64_t)Kp);
-                        for (int h = 0; h < 2; h++) {
-                            const __m512i bias = _mm512_set1_epi32(0x4B000000);
-                            const __m512 off = _mm512_set1_ps(8388608.f + 128.f);
-                            const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                  _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h))), bias)), off);
-                            const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(
-                                                  _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * h + 16))), bias)), off);
-                            _mm512_store_si512(ab + h * 512 + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-                        }
+                        qg_decode_int8_row(c, ab, i);
                     }
                     for (int q = 0; q < 2; q++) {
                         _tile_loadd(0, ab + q * 512, 64);
@@ -682,18 +680,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
                             qg_prefetch(c + 16 * (int64_t)P * 32);
                             if (p == 0) qg_prefetch(scales + (n + 16) * Gp), qg_prefetch(offs + (n + 16) * Gp);
                         }
-                        if (two) {
-                            const __m512i v = _mm512_loadu_si512((const void *)c);
-                            qg_decode_pair(_mm512_and_si512(v, low), qg_table(s, m), ab + i * 32, ab + 512 + i * 32);
-                            qg_decode_pair(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), qg_table(s + 2, m + 2),
-                                           ab + 1024 + i * 32, ab + 1536 + i * 32);
-                        } else { /* byte j: value j low, value j + 32 high */
-                            const __m256i v = _mm256_loadu_si256((const void *)c);
-                            const __m256i l = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
-                            const __m256i h = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f));
-                            qg_decode_pair(_mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), qg_table(s, m),
-                                           ab + i * 32, ab + 512 + i * 32);
-                        }
+                        qg_decode_int4_row(c, s, m, two, ab, i);
                     }
                     for (int q = 0; q < (two ? 4 : 2); q++) {
                         const int kc = 2 * p + q;
