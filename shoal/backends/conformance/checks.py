@@ -250,9 +250,12 @@ def check_silu_and_mul(c: OpContext) -> Iterator[tuple[str, Thunk]]:
 
 
 def check_store_kv(c: OpContext) -> Iterator[tuple[str, Thunk]]:
-    for name, per_token in [("smollm2 k cache", (3, 64)), ("deepseek-v3-tiny latent cache", (40,))]:
-        def run(per_token: tuple[int, ...] = per_token, name: str = name) -> CaseResult:
-            bs, nb, t = c.block_size, 6, 19
+    """19 slots (a decode batch) and 80 (a prompt chunk: backends may copy rows in bulk)."""
+    for (name, per_token), t in [(case, t) for case in [("smollm2 k cache", (3, 64)),
+                                                         ("deepseek-v3-tiny latent cache", (40,))] for t in (19, 80)]:
+        def run(per_token: tuple[int, ...] = per_token, name: str = name, t: int = t) -> CaseResult:
+            bs = c.block_size
+            nb = max(6, -(-t // bs) + 1)  # room for t distinct slots at any block size
             cache = c.rounded(c.randn(nb, bs, *per_token))
             slots = torch.randperm(nb * bs, generator=c.gen)[:t]
             values = c.rounded(c.randn(t, *per_token))
@@ -268,7 +271,7 @@ def check_store_kv(c: OpContext) -> Iterator[tuple[str, Thunk]]:
                 res.status = "fail"
                 res.detail = "a store must copy exactly and touch no other slot"
             return res
-        yield name, run
+        yield f"{name} {t} slots", run
 
 
 def check_paged_attention(c: OpContext) -> Iterator[tuple[str, Thunk]]:
@@ -365,14 +368,15 @@ def check_linear(c: OpContext) -> Iterator[tuple[str, Thunk]]:
 def check_quant_linear(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     """Weight-only int8 (per channel) and int4 (groups of 32) weights in the canonical
     `layers.quant` formats; the reference dequantizes in float64. Shapes include one the CPU's
-    packed int4 kernel cannot take (N % 16 ≠ 0), so a fallback path is checked too."""
+    packed int4 kernel cannot take (N % 16 ≠ 0), so a fallback path is checked too; rows T = 1
+    (decode), 13 (a decode batch) and 80 (a prompt chunk), which backends may route differently."""
     from shoal.layers.quant import Int4Weight, Int8Weight  # the formats the op consumes
 
     cases = [("smollm2 qkv", 576, 960, False, "int8"), ("qwen2 qkv (bias)", 896, 1152, True, "int8"),
              ("smollm2 down", 1536, 576, False, "int4"), ("qwen2 qkv (bias)", 896, 1152, True, "int4"),
              ("deepseek kv_a_proj", 64, 40, False, "int4")]
     for name, fin, fout, bias, fmt in cases:
-        for t in (1, 13):
+        for t in (1, 13, 80):
             def run(fin: int = fin, fout: int = fout, bias: bool = bias, fmt: str = fmt, t: int = t,
                     name: str = name) -> CaseResult:
                 w = c.randn(fout, fin, scale=fin**-0.5).float()
