@@ -182,7 +182,9 @@ class ModelRunner:
         bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only."""
         if self.num_blocks * self.block_size < 64:
             return
-        self._logits(self._dummy_batch(1, 32))
+        # a prompt-sized prefill where the cache allows: the CPU builds its prompt-matmul tiles on the
+        # first batch of more than 64 rows (~100 ms for the default model), so not on a user's first request
+        self._logits(self._dummy_batch(1, 96 if self.num_blocks * self.block_size >= 96 else 32))
         self._logits(self._dummy_batch(1, 1))
         if self.cfg.enforce_eager:
             return
