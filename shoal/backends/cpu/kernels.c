@@ -320,9 +320,6 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
     }
 }
 
-/* q [B, HQ, D]; k_cache [NB, BS, HKV, D]; v_cache [NB, BS, HKV, DV]; tables [B, W] int64;
- * seq_lens [B] int64; out [B, HQ, DV]. All contiguous, same dtype (bf16 when is_bf16, else fp32).
- * Returns 0, or -1 when a scratch allocation failed (the caller falls back). */
 static int attn_amx = 1; /* a benchmarking knob: set_decode_attention_amx(0) keeps the AVX-512 scores */
 int set_decode_attention_amx(int on) {
     const int old = attn_amx;
@@ -330,6 +327,9 @@ int set_decode_attention_amx(int on) {
     return old;
 }
 
+/* q [B, HQ, D]; k_cache [NB, BS, HKV, D]; v_cache [NB, BS, HKV, DV]; tables [B, W] int64;
+ * seq_lens [B] int64; out [B, HQ, DV]. All contiguous, same dtype (bf16 when is_bf16, else fp32).
+ * Returns 0, or -1 when a scratch allocation failed (the caller falls back). */
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS,
                            int W, float scale, int is_bf16, int nthreads) {
@@ -339,7 +339,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     int failed = 0;
 #ifdef AMX_TILES
-    const int amx = is_bf16 && D % 32 == 0 && D <= 128 && BS % 16 == 0 && GB <= 16 && attn_amx && amx_permitted();
+    const int amx = is_bf16 && D % 32 == 0 && D <= 128 && BS % 16 == 0 && attn_amx && amx_permitted();
 #endif
 #pragma omp parallel num_threads(nthreads)
     {
@@ -557,8 +557,6 @@ void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const floa
     }
 }
 
-/* SwiGLU: out[n, i] = silu(x[n, i]) * x[n, I + i] for x [N, 2I] (rows `ldx` apart), out [N, I].
- * As torch: silu in fp32 rounded to the dtype, then the product rounded. */
 /* KV cache write for eager steps: row t of src (row_bytes bytes, rows src_stride bytes apart) to
  * dst + slots[t] · row_bytes. torch's index_copy_ moved ~5 GB/s here (a 2,048-token prompt chunk's
  * K or V of one layer, 786 KB, took ~170 us). */
@@ -569,6 +567,8 @@ void store_rows(const void *src, int64_t src_stride, void *dst, const int64_t *s
         memcpy((char *)dst + slots[t] * row_bytes, (const char *)src + t * src_stride, (size_t)row_bytes);
 }
 
+/* SwiGLU: out[n, i] = silu(x[n, i]) * x[n, I + i] for x [N, 2I] (rows `ldx` apart), out [N, I].
+ * As torch: silu in fp32 rounded to the dtype, then the product rounded. */
 void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int is_bf16, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (N > 8)
     for (int64_t n = 0; n < N; n++) {

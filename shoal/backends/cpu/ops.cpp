@@ -29,14 +29,20 @@ void check_float(const at::Tensor &t, const char *what) {
     TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, what, " must be bf16 or fp32");
 }
 
-// x [M, K] with contiguous rows against a weight from kernels.repack_int4/8 (kind 4/8, n output rows)
+// an [n, k] weight from kernels.repack_int4/8 (kind 4/8)
+void check_packed_weight(const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2, int64_t kind, int64_t n,
+                         int64_t k, const char *op) {
+    TORCH_CHECK(kind == 4 || kind == 8, op, ": kind must be 4 or 8");
+    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), op, ": packed weight not contiguous");
+    const int64_t kp = (k + 63) / 64 * 64;
+    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), op, ": packed weight shape");
+}
+
+// x [M, K] with contiguous rows against such a weight (n output rows)
 void check_packed(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2, int64_t kind,
                   int64_t n, const char *op) {
     TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [M, K] with contiguous rows");
-    TORCH_CHECK(kind == 4 || kind == 8, op, ": kind must be 4 or 8");
-    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), op, ": packed weight not contiguous");
-    const int64_t kp = (x.size(1) + 63) / 64 * 64;
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), op, ": packed weight shape");
+    check_packed_weight(w0, w1, w2, kind, n, x.size(1), op);
 }
 
 // x [M, K] (rows may be strided, elements contiguous); weight tensors from kernels.repack_int4/8
@@ -54,8 +60,7 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     return y;
 }
 
-// x [M, K] bf16 (9..64 rows, or more with K % 32 == 0; contiguous rows); a weight from
-// kernels.repack_int4/8; AMX tiles
+// x [M, K] bf16 (9..64 rows, contiguous rows); a weight from kernels.repack_int4/8; AMX tiles
 at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
@@ -76,11 +81,8 @@ at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
 // the weight from kernels.repack_int4/8 ([n, k]) as bf16 VNNI tiles for panel_gemm: int32 [n/16, k/32, 256]
 at::Tensor quant_panels_op(const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2, int64_t kind, int64_t n,
                            int64_t k) {
-    TORCH_CHECK(kind == 4 || kind == 8, "quant_panels: kind must be 4 or 8");
+    check_packed_weight(w0, w1, w2, kind, n, k, "quant_panels");
     TORCH_CHECK(n % 16 == 0 && k % 32 == 0 && k > 0, "quant_panels: needs n % 16 == 0 and k % 32 == 0");
-    TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "quant_panels: packed weight not contiguous");
-    const int64_t kp = (k + 63) / 64 * 64;
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), "quant_panels: packed weight shape");
     auto panels = at::empty({n / 16, k / 32, 256}, w0.options().dtype(at::kInt));
     const int rc = quant_panels(static_cast<int>(kind), w0.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w1.data_ptr()),
                                 reinterpret_cast<const uint16_t *>(w2.data_ptr()),

@@ -21,7 +21,6 @@
  * The activation row is quantized into the same lane order.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -462,7 +461,7 @@ int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const u
             float *sf = (float *)(ab + 2048), *mf = sf + sfp;
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < N / 16; nb++) {
-                uint32_t *half = panels + (size_t)nb * KN * 256;
+                uint32_t *dst = panels + (size_t)nb * KN * 256;
                 if (kind == 4) qg_block_scales(scales, offs, nb, Gp, sf, mf);
                 for (int p = 0; p < P; p += (kind == 4 ? 2 : 1)) {
                     const int two = kind == 4 && p + 2 <= P;
@@ -485,7 +484,7 @@ int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const u
                         for (int j = 0; j < 16; j++) {
                             const int d = 16 * (q & 1) + j, e = 16 * ((d >> 1) & 1) + 2 * (d >> 2) + (d & 1);
                             const int c = 2 * (p + q / 2) + e / 16;
-                            if (c < KN) _mm512_store_si512(half + (size_t)c * 256 + (e & 15) * 16, v[j]);
+                            if (c < KN) _mm512_store_si512(dst + (size_t)c * 256 + (e & 15) * 16, v[j]);
                         }
                     }
                 }
@@ -654,8 +653,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
             for (int64_t nb = 0; nb < N / 16; nb++) {
                 if (kind == 4) qg_block_scales(scales, offs, nb, Gp, sf, mf);
                 for (int mb = 0; mb < MB; mb++) amx_zero(2 + mb);
-                /* int8: 64 bytes (q + 128) a pair and row, decoded exactly to bf16 (2^23 + u − (2^23 + 128) in
-                 * fp32); the row's scale multiplies the output */
+                /* int8: the row's scale multiplies the output */
                 for (int p = 0; kind == 8 && p < P; p++) {
                     for (int i = 0; i < 16; i++) {
                         const uint8_t *c = codes + (nb * 16 + i) * (int64_t)Kp + 64 * p;
