@@ -193,6 +193,12 @@ def quant_linear(x: torch.Tensor, qweight: Any, bias: torch.Tensor | None) -> to
     return F.linear(x, qweight.dequantize(x.dtype), bias)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy pick per row of logits [B, V]: the index of the largest value, the first on ties (and
+    of the first NaN in a row that has one)."""
+    return logits.max(dim=-1).indices
+
+
 def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row of probs [B, V]; row i uses generators[i] when given, so a seeded
     request gets the same tokens whatever else is in the batch. Exponential race: argmax p / E."""
@@ -209,7 +215,7 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
     "rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
-    "linear", "quant_linear", "sample",
+    "linear", "quant_linear", "argmax", "sample",
 )
 
 NATIVE_OPS = {
@@ -222,5 +228,6 @@ NATIVE_OPS = {
     "moe_experts": moe_experts,
     "linear": linear,
     "quant_linear": quant_linear,
+    "argmax": argmax,
     "sample": sample,
 }

@@ -207,3 +207,22 @@ def test_store_kv_rows_match_the_torch_form(dtype):
     cpu.store_kv(cache, slots.flip(0), k)  # through the platform op
     native.store_kv(want, slots.flip(0), k)
     assert torch.equal(cache, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [1, 7, 16, 49152 + 5])
+def test_argmax_matches_torch_max(dtype, v):
+    """Ties (the first wins), masked rows, NaN (its first index, as torch.max), a tail off the vector
+    width and rows that are a view into a wider tensor."""
+    g = torch.Generator().manual_seed(v)
+    wide = torch.randn(6, v + 3, generator=g).to(dtype)
+    x = wide[:, 1 : v + 1]  # rows v + 3 elements apart
+    x[0, v // 2] = x[0, v - 1] = 30.0
+    x[1] = float("-inf")
+    x[2, : v - 1] = float("-inf")
+    x[3, v // 3] = x[3, (2 * v) // 3] = float("nan")
+    x[4] = 0.0  # all tied
+    got = kernels.argmax(x)
+    assert got is not None and got.dtype == torch.long
+    assert torch.equal(got, native.argmax(x)), (got, native.argmax(x))
+    assert torch.equal(kernels.argmax(x[:1]), native.argmax(x[:1]))

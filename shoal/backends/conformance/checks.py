@@ -274,6 +274,26 @@ def check_store_kv(c: OpContext) -> Iterator[tuple[str, Thunk]]:
         yield f"{name} {t} slots", run
 
 
+def check_argmax(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """Greedy picks must be exact: the first index of each row's largest value, ties included."""
+    cases = [("smollm2 vocab", 32, 49152), ("deepseek-v3-tiny vocab", 3, 1000), ("short rows", 5, 7)]
+    for name, b, v in cases:
+        def run(b: int = b, v: int = v, name: str = name) -> CaseResult:
+            x = c.rounded(c.randn(b, v, scale=4.0))
+            x[0, v // 2], x[0, v - 1] = 50.0, 50.0  # a tie: the first one wins
+            if b > 2:
+                x[1] = float("-inf")  # every token masked: index 0
+                x[2, : v - 1] = float("-inf")  # one token left: the last
+            got = c.op("argmax")(c.dev(x)).cpu()
+            expect = torch.stack([torch.nonzero(row == row.max())[0, 0] for row in x.to(c.dtype).float()])
+            ok = got.dtype == torch.long and torch.equal(got, expect)
+            wrong = (got != expect).nonzero().flatten().tolist() if got.shape == expect.shape else "shape"
+            return CaseResult("argmax", f"{name} [{b}, {v}]", dtype_name(c.dtype), c.sources.get("argmax", "?"),
+                              "pass" if ok else "fail", None, None,
+                              "" if ok else f"rows {wrong} differ from the first index of the row maximum")
+        yield f"{name} [{b}, {v}]", run
+
+
 def check_paged_attention(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     bs = c.block_size
     cases = [("smollm2", 9, 3, 64, "mixed"), ("smollm2", 9, 3, 64, "decode"),
@@ -477,5 +497,6 @@ CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "moe_experts": check_moe_experts,
     "linear": check_linear,
     "quant_linear": check_quant_linear,
+    "argmax": check_argmax,
     "sample": check_sample,
 }

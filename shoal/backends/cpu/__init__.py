@@ -254,6 +254,12 @@ def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tens
         native.store_kv(cache, slot_mapping, values)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The C kernel (one pass, both threads: [32, 49152] bf16 0.7 ms → ~0.1 ms); else the torch form."""
+    out = kernels.argmax(logits)
+    return native.argmax(logits) if out is None else out
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """Eagerly the C kernel (one pass instead of three); compiled, the torch form."""
     out = kernels.silu_and_mul(x)
@@ -298,7 +304,7 @@ class CpuPlatform(Platform):
     kv_cache_fraction = 0.25
     kv_cache_max_bytes = 2 * 2**30  # zero-filling more costs seconds at start-up
     op_overrides = {"quant_linear": quant_linear, "paged_attention": paged_attention, "rms_norm": rms_norm,
-                    "rotary": rotary, "silu_and_mul": silu_and_mul, "store_kv": store_kv}
+                    "rotary": rotary, "silu_and_mul": silu_and_mul, "store_kv": store_kv, "argmax": argmax}
 
     def device_count(self) -> int:
         return 1

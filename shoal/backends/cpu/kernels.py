@@ -161,6 +161,8 @@ def _compile() -> ctypes.CDLL | None:
     lib.rotary.argtypes = [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]
     lib.silu_and_mul.restype = None
     lib.silu_and_mul.argtypes = [vp, i64, vp, i64, i32, i32, i32]
+    lib.argmax_rows.restype = None
+    lib.argmax_rows.argtypes = [vp, i64, i64, i64, i32, vp, i32]
     lib.store_rows.restype = None
     lib.store_rows.argtypes = [vp, i64, vp, vp, i64, i64, i32]
     lib.quant_gemv.restype = i32
@@ -295,6 +297,17 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     out = torch.empty((t, nh, r), dtype=x.dtype)
     library().rotary(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, nh, r,
                      int(interleaved), _flag(x), torch.get_num_threads())
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """The C greedy pick over the last dim of a 2-D bf16/fp32 CPU tensor (first on ties, the first
+    NaN when there is one, as `max(dim=-1)`); None when it does not apply."""
+    if not _eager_cpu(x) or x.dim() != 2 or x.stride(-1) != 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    library().argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], _flag(x), out.data_ptr(),
+                          torch.get_num_threads())
     return out
 
 
