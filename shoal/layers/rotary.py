@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -85,6 +87,18 @@ def _inv_freq_yarn(dim: int, base: float, rs: dict[str, Any], max_pos: int) -> t
     return inv, attn_factor
 
 
+class _Tables:
+    """cos/sin [max_position, rot/2] for one set of rotary parameters on one device."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+
+
+# every layer of a model rotates with the same parameters: one table for all of them (the default
+# model's 30 layers held 60 MB of identical copies), alive while a layer holds it
+_TABLES: weakref.WeakValueDictionary[tuple, _Tables] = weakref.WeakValueDictionary()
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin per position; `forward(positions, x)` rotates x [T, H, rot_dim]."""
 
@@ -113,9 +127,14 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
         self.max_position = max_position
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv.float())  # [P, rot/2]
-        self.register_buffer("cos", freqs.cos() * attn_factor, persistent=False)
-        self.register_buffer("sin", freqs.sin() * attn_factor, persistent=False)
+        key = (rot_dim, max_position, base, json.dumps(rope_scaling, sort_keys=True, default=str), str(t.device))
+        tables = _TABLES.get(key)
+        if tables is None:
+            freqs = torch.outer(t, inv.float().to(t.device))  # [P, rot/2]
+            tables = _TABLES[key] = _Tables(freqs.cos() * attn_factor, freqs.sin() * attn_factor)
+        self._tables = tables
+        self.register_buffer("cos", tables.cos, persistent=False)
+        self.register_buffer("sin", tables.sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cos = self.cos.index_select(0, positions)
