@@ -171,7 +171,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, progress: bool = True) -> None:
-        """Run a prefill and a decode step eagerly (platform ops pack or cache their weights on first
+        """Run prefills and a decode step eagerly (platform ops pack or cache their weights on first
         use), then — unless `enforce_eager` — compile the decode step for each batch-size bucket.
 
         Decode buckets: batch 1 (static shapes, C++ wrapper: the least per-step overhead); 2..8
@@ -180,11 +180,18 @@ class ModelRunner:
         is symbolic in every bucket, so no graph is re-traced after warm-up. Start-up with the
         default model (2 cores) takes a few minutes: each graph is compiled anew, frozen graphs
         bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only."""
-        if self.num_blocks * self.block_size < 64:
+        slots = self.num_blocks * self.block_size
+        if slots < 64:
             return
-        # a prompt-sized prefill where the cache allows: the CPU builds its prompt-matmul tiles on the
-        # first batch of more than 64 rows (~100 ms for the default model), so not on a user's first request
-        self._logits(self._dummy_batch(1, 96 if self.num_blocks * self.block_size >= 96 else 32))
+        # prompt-sized prefills where the cache allows: a platform builds the weights' forms for prompt
+        # rows on first use (the CPU: AMX tiles for 65-1,536 rows, ~100 ms; oneDNN's prepacked copies
+        # above, ~0.8 s and ~370 MB with the default model), so a user's first long prompt does not
+        # pay for them and memory after start-up is what serving needs. The larger one is a full
+        # prompt chunk (at most 2,048 rows, in 128-token prompts: start-up stays short for big models)
+        self._logits(self._dummy_batch(1, 96 if slots >= 96 else 32))
+        chunk = min(self.cfg.scheduler.max_num_batched_tokens, 2048)
+        if chunk > 96 and slots >= 128:
+            self._logits(self._dummy_batch(max(1, chunk // 128), 128))
         self._logits(self._dummy_batch(1, 1))
         if self.cfg.enforce_eager:
             return

@@ -245,3 +245,21 @@ def test_amx_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():
     x = _x(32, 576, torch.bfloat16, seed=13).contiguous()
     compiled = torch.compile(f, fullgraph=True, options={"cpp_wrapper": True})(x)
     torch.testing.assert_close(compiled, f(x), atol=0, rtol=0)
+
+
+def test_start_up_builds_every_form_a_prompt_chunk_needs(tmp_path):
+    """The warm-up runs a full prompt chunk, so a user's first long prompt builds no weight form
+    (the CPU's AMX tiles, oneDNN's prepacked copies: ~0.8 s and ~370 MB with the default model)."""
+    from shoal import LLM, SamplingParams
+    from tests.tiny import make_llama
+
+    llm = LLM(str(make_llama(tmp_path / "llama")), dtype="bfloat16", quantization="int4", enforce_eager=True,
+              progress=False, num_blocks_override=160)
+    weights = [m.quant for m in llm.engine.runner.model.modules() if getattr(m, "quant", None) is not None]
+    assert weights
+    forms = [set(w.kernel_cache) for w in weights]
+    # two 900-token prompts: one 1,800-row chunk (oneDNN's range on the CPU), then the decode steps
+    out = llm.generate([{"prompt_token_ids": [5 + i % 200 for i in range(900)]}] * 2,
+                       SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 3 for o in out)
+    assert [set(w.kernel_cache) for w in weights] == forms
