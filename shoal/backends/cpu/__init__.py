@@ -255,7 +255,7 @@ def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tens
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """The C kernel (one pass, both threads: [32, 49152] bf16 0.7 ms → ~0.1 ms); else the torch form."""
+    """The C kernel (one pass on both threads: [32, 49152] bf16 0.61 → 0.13 ms); else the torch form."""
     out = kernels.argmax(logits)
     return native.argmax(logits) if out is None else out
 
