@@ -334,9 +334,8 @@ class ModelRunner:
                 logits_idx.append(len(ids) - 1)
         width = max(2, max(len(t) for t in tables))  # ≥ 2: a width-1 table would be its own graph
         dev = self.device
-        table = torch.zeros((len(tables), width), dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        # one tensor from padded rows (a tensor per row cost ~5 us each: ~0.3 ms a 32-row step)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         qsl = [0]
         for n in qlens:
             qsl.append(qsl[-1] + n)
