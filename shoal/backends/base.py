@@ -12,6 +12,8 @@ then checks every op of its table against a float64 CPU reference.
 
 from __future__ import annotations
 
+import functools
+
 import importlib.metadata
 from typing import Any, Callable
 
@@ -28,6 +30,11 @@ def dist_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _add_then_norm(norm: Callable[..., Any], x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+    total = x + residual
+    return norm(total, weight, eps), total
 
 
 class Platform:
@@ -121,6 +128,9 @@ class Platform:
         fn = self.op_overrides.get(name)
         if fn is not None:
             return fn
+        if name == "add_rms_norm" and "rms_norm" in self.op_overrides:
+            # a platform with its own RMSNorm but no fused form keeps its RMSNorm after the add
+            return functools.partial(_add_then_norm, self.op_overrides["rms_norm"])
         try:
             return NATIVE_OPS[name]
         except KeyError:
@@ -136,7 +146,10 @@ class Platform:
         out = {}
         for name in list(NATIVE_OPS) + [n for n in KNOWN_OPS if n not in NATIVE_OPS]:
             fn = self.op_overrides.get(name)
-            if fn is not None:
+            if fn is None and name == "add_rms_norm" and "rms_norm" in self.op_overrides:
+                fn = self.op_overrides["rms_norm"]
+                out[name] = f"add, then {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            elif fn is not None:
                 out[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
             else:
                 out[name] = "native" if name in NATIVE_OPS else "not in table"

@@ -29,6 +29,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight.to(xf.dtype)).to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the RMSNorm after it: (rms_norm(x + residual), x + residual), the sum in x's
+    dtype as the separate add gives it."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the last dim of x [T, H, R] by angles whose cos/sin are [T, R/2].
 
@@ -214,12 +222,13 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
 # Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
-    "rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
+    "rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
     "linear", "quant_linear", "argmax", "sample",
 )
 
 NATIVE_OPS = {
     "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
     "rotary": rotary,
     "silu_and_mul": silu_and_mul,
     "store_kv": store_kv,

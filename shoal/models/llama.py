@@ -1,6 +1,7 @@
 """Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral and DeepSeek-R1-Distill-Llama.
 
-token ids → embed → N × [x += attn(norm(x)); x += mlp(norm(x))] → norm → lm_head.
+token ids → embed → N × [x += attn(norm(x)); x += mlp(norm(x))] → norm → lm_head (each residual
+add runs inside the norm after it: the platform's `add_rms_norm`).
 Attention is grouped-query with rotary positions over the paged KV cache; the MLP is SwiGLU.
 Projections are fused (qkv, gate+up) and tensor-parallel.
 """
@@ -61,9 +62,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), fb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (or the embeddings, residual None); returns this layer's
+        MLP output and the residual stream before it. Each residual add runs inside the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, fb), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -74,10 +82,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        x = self.embed_tokens(fb.input_ids)
+        x, residual = self.embed_tokens(fb.input_ids), None
         for layer in self.layers:
-            x = layer(x, fb)
-        return self.norm(x)
+            x, residual = layer(x, residual, fb)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

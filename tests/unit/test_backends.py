@@ -133,6 +133,25 @@ def test_ops_dispatch_to_the_active_platforms_override():
         ops.warp_drive
 
 
+def test_a_platforms_own_rms_norm_runs_after_the_add_when_it_has_no_fused_form():
+    calls = []
+
+    def my_norm(x, w, eps):
+        calls.append(x.shape)
+        return x * 2
+
+    class Chip(Platform):
+        name = "chip"
+        op_overrides = {"rms_norm": my_norm}
+
+    p = Chip()
+    x, r = torch.randn(3, 4), torch.randn(3, 4)
+    normed, total = p.op("add_rms_norm")(x, r, torch.ones(4), 1e-6)
+    assert torch.equal(total, x + r) and torch.equal(normed, (x + r) * 2) and calls == [torch.Size([3, 4])]
+    assert p.op_sources()["add_rms_norm"].startswith("add, then ") and p.op_sources()["add_rms_norm"].endswith("my_norm")
+    assert Platform().op("add_rms_norm") is NATIVE_OPS["add_rms_norm"]
+
+
 def test_op_sources_list_known_ops_missing_from_the_table():
     src = Platform().op_sources()  # no overrides
     assert list(src)[: len(NATIVE_OPS)] == list(NATIVE_OPS)

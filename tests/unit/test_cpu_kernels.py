@@ -142,6 +142,12 @@ def test_elementwise_kernels_match_native(dtype, t):
         got, ref = kernels.rms_norm(x, w, 1e-5), native.rms_norm(x, w, 1e-5)
         assert got is not None
         torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+        # the residual add fused in: the sum exactly the separate add's, the norm as above
+        r = (torch.randn(t, h, generator=g) * 3).to(dtype)
+        got2, ref2 = kernels.add_rms_norm(x, r, w, 1e-5), native.add_rms_norm(x, r, w, 1e-5)
+        assert got2 is not None
+        assert torch.equal(got2[1], ref2[1])
+        torch.testing.assert_close(got2[0], ref2[0], atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
     # rotary: same rounding as the torch form, so bf16 results are identical
     for heads, rot, inter in ((9, 64, False), (3, 64, True), (2, 8, True), (4, 10, False)):
         x, cos, sin = _rot_inputs(t, heads, rot, dtype)

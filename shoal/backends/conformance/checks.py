@@ -209,6 +209,24 @@ def check_rms_norm(c: OpContext) -> Iterator[tuple[str, Thunk]]:
             yield f"{name} T={t}", run
 
 
+def check_add_rms_norm(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """The sum must be the separate add's, exactly; the norm is held to rms_norm's tolerance."""
+    for name, dim, eps in [("smollm2 hidden", 576, 1e-5), ("qwen2 hidden", 896, 1e-6)]:
+        for t in (1, 37):
+            def run(dim: int = dim, eps: float = eps, t: int = t, name: str = name) -> CaseResult:
+                x, r = c.rounded(c.randn(t, dim, scale=3.0)), c.rounded(c.randn(t, dim, scale=3.0))
+                w = c.rounded(1 + 0.5 * c.randn(dim))
+                ref, ref_sum = NATIVE_OPS["add_rms_norm"](x, r, w, eps)
+                got, got_sum = c.op("add_rms_norm")(c.dev(x), c.dev(r), c.dev(w), eps)
+                res = c.judge("add_rms_norm", f"{name} [T={t}, {dim}]", got, ref,
+                              scaled_error(ref, oracle_rms_norm(x + r, w, eps)))
+                expect_sum = (c.dev(x) + c.dev(r)).cpu()
+                if not torch.equal(got_sum.cpu(), expect_sum):
+                    res.status, res.detail = "fail", "the sum differs from the separate add"
+                return res
+            yield f"{name} T={t}", run
+
+
 def _cos_sin(c: OpContext, t: int, rot: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin [T, rot/2] at random positions, as the rotary layer passes them."""
     pos = torch.randint(0, 4096, (t,), generator=c.gen).to(F64)
@@ -489,6 +507,7 @@ def check_sample(c: OpContext) -> Iterator[tuple[str, Thunk]]:
 
 CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "rms_norm": check_rms_norm,
+    "add_rms_norm": check_add_rms_norm,
     "rotary": check_rotary,
     "silu_and_mul": check_silu_and_mul,
     "store_kv": check_store_kv,

@@ -481,6 +481,18 @@ static inline __m512 round_bf16(__m512 x) {
 
 static inline float rb(float v, int is_bf16) { return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
+/* out[oi..oi + H) = x[xi..xi + H) · rs · w, in fp32, rounded once: RMSNorm's second pass */
+static inline void rms_scale_row(const void *x, int64_t xi, float rs, const void *w, void *out, int64_t oi, int H,
+                                 int is_bf16, int w_bf16) {
+    int c = 0;
+#ifdef __AVX512F__
+    const __m512 vr = _mm512_set1_ps(rs);
+    for (; c + 16 <= H; c += 16)
+        store16(out, oi + c, _mm512_mul_ps(_mm512_mul_ps(load16(x, xi + c, is_bf16), vr), load16(w, c, w_bf16)), is_bf16);
+#endif
+    for (; c < H; c++) st(out, oi + c, ld(x, xi + c, is_bf16) * rs * ld(w, c, w_bf16), is_bf16);
+}
+
 /* out[n, :] = x[n, :] / sqrt(mean(x[n, :]^2) + eps) * w, in fp32, rounded once.
  * x rows `ldx` elements apart; out contiguous [N, H]; w [H] (w_bf16: bf16, else fp32). */
 void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, int H, float eps, int is_bf16,
@@ -502,14 +514,37 @@ void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, i
             const float v = ld(x, xi + c, is_bf16);
             ss += v * v;
         }
-        const float r = 1.f / sqrtf(ss / (float)H + eps);
-        c = 0;
+        rms_scale_row(x, xi, 1.f / sqrtf(ss / (float)H + eps), w, out, oi, H, is_bf16, w_bf16);
+    }
+}
+
+/* The residual add fused with the next RMSNorm: sum[n, :] = x[n, :] + r[n, :] (rounded to the dtype,
+ * as torch's add), out[n, :] = rms_norm(sum[n, :]) · w as rms_norm above. x and r rows `ldx` and `ldr`
+ * elements apart; out and sum contiguous [N, H]. One pass over x and r instead of an add's three
+ * and the norm's two. */
+void add_rms_norm(const void *x, int64_t ldx, const void *r, int64_t ldr, const void *w, void *out, void *sum,
+                  int64_t N, int H, float eps, int is_bf16, int w_bf16, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (N > 8)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t xi = n * ldx, ri = n * ldr, oi = n * H;
+        float ss = 0.f;
+        int c = 0;
 #ifdef __AVX512F__
-        const __m512 vr = _mm512_set1_ps(r);
-        for (; c + 16 <= H; c += 16)
-            store16(out, oi + c, _mm512_mul_ps(_mm512_mul_ps(load16(x, xi + c, is_bf16), vr), load16(w, c, w_bf16)), is_bf16);
+        __m512 acc = _mm512_setzero_ps();
+        for (; c + 16 <= H; c += 16) {
+            __m512 v = _mm512_add_ps(load16(x, xi + c, is_bf16), load16(r, ri + c, is_bf16));
+            if (is_bf16) v = round_bf16(v);
+            store16(sum, oi + c, v, is_bf16);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
 #endif
-        for (; c < H; c++) st(out, oi + c, ld(x, xi + c, is_bf16) * r * ld(w, c, w_bf16), is_bf16);
+        for (; c < H; c++) {
+            const float v = rb(ld(x, xi + c, is_bf16) + ld(r, ri + c, is_bf16), is_bf16);
+            st(sum, oi + c, v, is_bf16);
+            ss += v * v;
+        }
+        rms_scale_row(sum, oi, 1.f / sqrtf(ss / (float)H + eps), w, out, oi, H, is_bf16, w_bf16);
     }
 }
 

@@ -157,6 +157,8 @@ def _compile() -> ctypes.CDLL | None:
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.rms_norm.restype = None
     lib.rms_norm.argtypes = [vp, i64, vp, vp, i64, i32, ctypes.c_float, i32, i32, i32]
+    lib.add_rms_norm.restype = None
+    lib.add_rms_norm.argtypes = [vp, i64, vp, i64, vp, vp, vp, i64, i32, ctypes.c_float, i32, i32, i32]
     lib.rotary.restype = None
     lib.rotary.argtypes = [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]
     lib.silu_and_mul.restype = None
@@ -283,6 +285,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     library().rms_norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps,
                        _flag(x), _flag(w), torch.get_num_threads())
     return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The C residual add + RMSNorm for an eager step: (rms_norm(x + residual), x + residual); None
+    when it does not apply."""
+    if (not _eager_cpu(x) or residual.dtype != x.dtype or residual.shape != x.shape or weight.dtype not in _FLOATS
+            or residual.device.type != "cpu"):
+        return None
+    x2, r2, w = _rows(x), _rows(residual), weight.contiguous()
+    out, total = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+    library().add_rms_norm(x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0), w.data_ptr(), out.data_ptr(),
+                           total.data_ptr(), x2.shape[0], x2.shape[1], eps, _flag(x), _flag(w), torch.get_num_threads())
+    return out, total
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor | None:
