@@ -36,7 +36,7 @@ from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from shoal.layers.mla import MLAMode, MultiLatentAttention
 from shoal.layers.moe import FusedMoE, select_experts
-from shoal.layers.norm import RMSNorm
+from shoal.layers.norm import RMSNorm, pre_norm_block
 from shoal.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from shoal.loader.fp8 import block_size_of, dequantize_fp8_stream
 from shoal.models.weights import check_all_loaded, load_named_weights
@@ -166,9 +166,10 @@ class DeepseekV2DecoderLayer(nn.Module):
             DeepseekV2MoE(cfg) if cfg.is_moe_layer(layer_idx) else DeepseekV2MLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), fb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return pre_norm_block(x, residual, self.input_layernorm, lambda h: self.self_attn(h, fb),
+                              self.post_attention_layernorm, self.mlp)
 
 
 class DeepseekV2Model(nn.Module):
@@ -179,10 +180,10 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        x = self.embed_tokens(fb.input_ids)
+        x, residual = self.embed_tokens(fb.input_ids), None
         for layer in self.layers:
-            x = layer(x, fb)
-        return self.norm(x)
+            x, residual = layer(x, residual, fb)
+        return self.norm(x, residual)[0]
 
 
 class SharedHead(nn.Module):
@@ -210,7 +211,8 @@ class DeepseekV2MTPLayer(DeepseekV2DecoderLayer):
         e = self.embed_tokens(next_ids)
         e = e.masked_fill((fb.positions == 0).unsqueeze(-1), 0)  # position 0 has no previous token to pair with
         x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(hidden)], dim=-1))
-        return super().forward(x, fb)
+        h, residual = super().forward(x, None, fb)
+        return h + residual
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.shared_head.head.compute_logits(self.shared_head.norm(h))

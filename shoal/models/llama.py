@@ -19,7 +19,7 @@ from shoal.layers.activation import silu_and_mul
 from shoal.layers.attention import PagedAttention
 from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from shoal.layers.norm import RMSNorm
+from shoal.layers.norm import RMSNorm, pre_norm_block
 from shoal.layers.rotary import RotaryEmbedding
 from shoal.models.weights import check_all_loaded, load_named_weights
 
@@ -64,14 +64,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's MLP output (or the embeddings, residual None); returns this layer's
-        MLP output and the residual stream before it. Each residual add runs inside the next norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, fb), residual)
-        return self.mlp(h), residual
+        return pre_norm_block(x, residual, self.input_layernorm, lambda h: self.self_attn(h, fb),
+                              self.post_attention_layernorm, self.mlp)
 
 
 class LlamaModel(nn.Module):
