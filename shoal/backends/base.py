@@ -13,13 +13,12 @@ then checks every op of its table against a float64 CPU reference.
 from __future__ import annotations
 
 import functools
-
 import importlib.metadata
 from typing import Any, Callable
 
 import torch
 
-from shoal.backends.native import KNOWN_OPS, NATIVE_OPS
+from shoal.backends.native import KNOWN_OPS, NATIVE_OPS, add_then_norm
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -30,11 +29,6 @@ def dist_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _add_then_norm(norm: Callable[..., Any], x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
-    total = x + residual
-    return norm(total, weight, eps), total
 
 
 class Platform:
@@ -130,7 +124,7 @@ class Platform:
             return fn
         if name == "add_rms_norm" and "rms_norm" in self.op_overrides:
             # a platform with its own RMSNorm but no fused form keeps its RMSNorm after the add
-            return functools.partial(_add_then_norm, self.op_overrides["rms_norm"])
+            return functools.partial(add_then_norm, self.op_overrides["rms_norm"])
         try:
             return NATIVE_OPS[name]
         except KeyError:

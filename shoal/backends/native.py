@@ -33,8 +33,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the RMSNorm after it: (rms_norm(x + residual), x + residual), the sum in x's
     dtype as the separate add gives it."""
+    return add_then_norm(rms_norm, x, residual, weight, eps)
+
+
+def add_then_norm(norm: Any, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm` from a given RMSNorm (a platform's own, when it has no fused form)."""
     total = x + residual
-    return rms_norm(total, weight, eps), total
+    return norm(total, weight, eps), total
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -246,10 +246,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """Eagerly the C kernel (one pass over both inputs: a 2,048-token prefill chunk 340 -> 327 ms, the
     same logits); otherwise the add, then `rms_norm` (compiled: the torch forms, which inductor fuses)."""
     out = kernels.add_rms_norm(x, residual, weight, eps)
-    if out is None:
-        total = x + residual
-        out = rms_norm(total, weight, eps), total
-    return out
+    return native.add_then_norm(rms_norm, x, residual, weight, eps) if out is None else out
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
