@@ -104,6 +104,43 @@ static inline void prefetch_sequence(const void *k_cache, const void *v_cache, c
 #endif
 }
 
+/* The next sequence's K and V lines, prefetched a few at a time from inside the weighted sum of the
+ * one before it, so that its loads overlap that compute. A burst of a whole sequence's prefetches
+ * instead stalls the compute while the line fill buffers drain. Measured in one process on the `ci`
+ * batch's shapes (30 layers, 32 sequences of ~160 tokens, caches from DRAM), alternating, identical
+ * results: 7.77 → 7.50 ms (median of 40). */
+typedef struct {
+    const char *k, *v;
+    const int64_t *tab;
+    int64_t nblk, blk, off, kb, vb, per; /* per: steps (a K and a V line each) per pf_advance */
+} pf_cursor;
+
+/* start the cursor on a sequence, its lines spread over `work` pf_advance calls */
+static inline void pf_start(pf_cursor *c, const void *k_cache, const void *v_cache, const int64_t *tab, int64_t len,
+                            int BS, int HKV, int D, int DV, int elem, int64_t work) {
+    c->k = (const char *)k_cache, c->v = (const char *)v_cache, c->tab = tab;
+    c->nblk = (len + BS - 1) / BS, c->blk = 0, c->off = 0;
+    c->kb = (int64_t)BS * HKV * D * elem, c->vb = (int64_t)BS * HKV * DV * elem;
+    const int64_t steps = c->nblk * (((c->kb > c->vb ? c->kb : c->vb) + 63) / 64);
+    c->per = work > 0 ? (steps + work - 1) / work : steps;
+}
+
+/* the next `per` steps (all that are left when `all`) */
+static inline void pf_advance(pf_cursor *c, int all) {
+#if defined(__x86_64__) || defined(__i386__)
+    for (int64_t i = 0; (all || i < c->per) && c->blk < c->nblk; i++) {
+        const int64_t b = c->tab[c->blk];
+        if (c->off < c->kb) SHOAL_PREFETCH("prefetcht1", c->k + b * c->kb + c->off);
+        if (c->off < c->vb) SHOAL_PREFETCH("prefetcht1", c->v + b * c->vb + c->off);
+        c->off += 64;
+        if (c->off >= c->kb && c->off >= c->vb) c->off = 0, c->blk++;
+    }
+#else
+    (void)all;
+    c->blk = c->nblk;
+#endif
+}
+
 #define GMAX 8 /* query heads per KV head scored together (register accumulators); more loop in groups */
 
 /* scores sc[g][t] = scale · q_g · k_t for the query heads g0..g0+gn of KV head h */
@@ -263,7 +300,7 @@ static inline __attribute__((always_inline)) void scores_amx(const uint16_t *q, 
 static inline __attribute__((always_inline)) void weighted_sum_rows(const float *p, const void *v_cache,
                                                                     const int64_t *tab, int64_t len, int BS, int HKV,
                                                                     int h, int NC, int gn, int is_bf16, float *acc,
-                                                                    int64_t ld) {
+                                                                    int64_t ld, pf_cursor *pfc) {
     __m512 a[24];
     for (int i = 0; i < gn * NC; i++) a[i] = _mm512_setzero_ps();
     const int DV = NC * 16;
@@ -272,6 +309,7 @@ static inline __attribute__((always_inline)) void weighted_sum_rows(const float 
         const float *pt = p + t0;
         for (int64_t j = 0; j < n; j++) {
             const int64_t row = ((base + j) * HKV + h) * DV;
+            if (pfc) pf_advance(pfc, 0);
             __m512 v[8];
             for (int c = 0; c < NC; c++) v[c] = load16(v_cache, row + c * 16, is_bf16);
             for (int g = 0; g < gn; g++) {
@@ -367,15 +405,29 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
              * knows its first item, which prefetches its sequence even when it is not head 0 */
             const int items = B * HKV, nth = omp_get_num_threads(), tid = omp_get_thread_num();
             const int per = (items + nth - 1) / nth, lo = tid * per, hi = lo + per < items ? lo + per : items;
+            const int elem = is_bf16 ? 2 : 4;
+            pf_cursor pfc = {0};
             for (int item = lo; item < hi; item++) {
                 const int b = item / HKV, h = item % HKV;
                 const int64_t len = seq_lens[b];
                 const int64_t *tab = tables + (int64_t)b * W;
-                if (h == 0 || item == lo) /* the thread's first item of this sequence */
-                    prefetch_sequence(k_cache, v_cache, tab, len, BS, HKV, D, DV, is_bf16 ? 2 : 4);
+                if (item == lo) /* the thread's first sequence: nothing prefetched it */
+                    prefetch_sequence(k_cache, v_cache, tab, len, BS, HKV, D, DV, elem);
+                if ((h == 0 || item == lo) && (b + 1) * HKV < hi) /* the thread's next sequence */
+                    pf_start(&pfc, k_cache, v_cache, tables + (int64_t)(b + 1) * W, seq_lens[b + 1], BS, HKV, D, DV,
+                             elem, (int64_t)(HKV - h) * len);
+                pf_cursor *pfp = pfc.blk < pfc.nblk ? &pfc : NULL;
                 for (int g0 = 0; g0 < G; g0 += GB) {
                     const int gn = G - g0 < GB ? G - g0 : GB;
-                    for (int g = 0; g < gn; g++) {
+                    /* fp32 query rows for the plain score loop (the bf16 paths read q as it is) */
+                    int need_qf = 1;
+#ifdef AMX_TILES
+                    if (amx) need_qf = 0;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+                    if (is_bf16 && D % 32 == 0 && BS % 16 == 0) need_qf = 0;
+#endif
+                    for (int g = 0; need_qf && g < gn; g++) {
                         const int64_t src = ((int64_t)b * HQ + h * G + g0 + g) * D;
                         for (int c = 0; c < D; c++)
                             qf[g * D + c] = is_bf16 ? bf16_to_f32(((const uint16_t *)q)[src + c]) : ((const float *)q)[src + c];
@@ -407,7 +459,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     for (int g = 0; g < gn; g++) inv[g] = softmax_unnormalised(sc + (size_t)g * len, len);
 #ifdef __AVX512F__
 #define SHOAL_CASE(N, NC) \
-    case N: weighted_sum_rows(sc, v_cache, tab, len, BS, HKV, h, NC, N, is_bf16, acc, len); break;
+    case N: weighted_sum_rows(sc, v_cache, tab, len, BS, HKV, h, NC, N, is_bf16, acc, len, pfp); break;
                     if (DV == 64 && gn <= 6) {
                         switch (gn) {
                             SHOAL_CASE(1, 4) SHOAL_CASE(2, 4) SHOAL_CASE(3, 4)
@@ -427,6 +479,19 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     }
 #undef SHOAL_CASE
                     }
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+                    if (is_bf16 && DV % 16 == 0) {
+                        /* the same fp32 product, rounded to bf16 by the instruction (nearest even) */
+                        for (int g = 0; g < gn; g++) {
+                            const __m512 w = _mm512_set1_ps(inv[g]);
+                            uint16_t *dst = (uint16_t *)out + ((int64_t)b * HQ + h * G + g0 + g) * DV;
+                            for (int i = 0; i < DV; i += 16)
+                                _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(
+                                    _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * DV + i), w)));
+                        }
+                        continue;
+                    }
+#endif
                     for (int g = 0; g < gn; g++)
                         for (int i = 0; i < DV; i++) acc[(size_t)g * DV + i] *= inv[g];
                     for (int g = 0; g < gn; g++) {
@@ -439,6 +504,9 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                         }
                     }
                 }
+                /* what the weighted sums left (all of it on the paths without the cursor) goes before
+                 * the next sequence starts */
+                if (h == HKV - 1 && pfp) pf_advance(pfp, 1);
             }
         }
 #ifdef AMX_TILES
