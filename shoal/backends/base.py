@@ -20,6 +20,16 @@ import torch
 
 from shoal.backends.native import KNOWN_OPS, NATIVE_OPS, add_then_norm
 
+# Ops that a platform without its own form of them composes from its form of the op under them:
+# name -> (the op under it, builder(that op, *args), source label prefix). A platform with its own
+# RMSNorm but no fused add + RMSNorm keeps its RMSNorm after the add.
+COMPOSED_OPS: dict[str, tuple[str, Callable[..., Any], str]] = {"add_rms_norm": ("rms_norm", add_then_norm, "add, then ")}
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
@@ -118,13 +128,20 @@ class Platform:
         return self.kv_layout
 
     # ---- ops
+    def _composed(self, name: str) -> tuple[Callable[..., Any], str] | None:
+        """A composed op (COMPOSED_OPS) built on this platform's own form of the op under it, with its
+        source label; None when the platform has no such form."""
+        under, build, label = COMPOSED_OPS.get(name, (None, None, ""))
+        fn = self.op_overrides.get(under) if under else None
+        return None if fn is None else (functools.partial(build, fn), f"{label}{_qualname(fn)}")
+
     def op(self, name: str) -> Callable[..., Any]:
         fn = self.op_overrides.get(name)
         if fn is not None:
             return fn
-        if name == "add_rms_norm" and "rms_norm" in self.op_overrides:
-            # a platform with its own RMSNorm but no fused form keeps its RMSNorm after the add
-            return functools.partial(add_then_norm, self.op_overrides["rms_norm"])
+        composed = self._composed(name)
+        if composed is not None:
+            return composed[0]
         try:
             return NATIVE_OPS[name]
         except KeyError:
@@ -136,15 +153,15 @@ class Platform:
 
     def op_sources(self) -> dict[str, str]:
         """For each known op, which implementation this platform uses ("native", an override's
-        qualified name, or "not in table" for a known op nobody has added yet)."""
+        qualified name, "add, then <its rms_norm>" for a composed op, or "not in table" for a known op
+        nobody has added yet)."""
         out = {}
         for name in list(NATIVE_OPS) + [n for n in KNOWN_OPS if n not in NATIVE_OPS]:
-            fn = self.op_overrides.get(name)
-            if fn is None and name == "add_rms_norm" and "rms_norm" in self.op_overrides:
-                fn = self.op_overrides["rms_norm"]
-                out[name] = f"add, then {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-            elif fn is not None:
-                out[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            fn, composed = self.op_overrides.get(name), self._composed(name)
+            if fn is not None:
+                out[name] = _qualname(fn)
+            elif composed is not None:
+                out[name] = composed[1]
             else:
                 out[name] = "native" if name in NATIVE_OPS else "not in table"
         return out
