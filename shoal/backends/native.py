@@ -225,11 +225,20 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     return (_acc(probs) / q).argmax(dim=-1)
 
 
+def dense_decoder_layer(layer: Any, x: torch.Tensor, residual: torch.Tensor | None,
+                        fb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm decoder layer of a dense model (models.llama.LlamaDecoderLayer: Llama, Qwen2 and
+    their distills) → (its MLP output, the residual stream before it). The native form runs it op by
+    op (`layer.forward_ops`); a platform may run it whole in one kernel where it can (the CPU
+    platform, for decode steps)."""
+    return layer.forward_ops(x, residual, fb)
+
+
 # Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
     "rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
-    "linear", "quant_linear", "argmax", "sample",
+    "linear", "quant_linear", "argmax", "sample", "dense_decoder_layer",
 )
 
 NATIVE_OPS = {
@@ -245,4 +254,5 @@ NATIVE_OPS = {
     "quant_linear": quant_linear,
     "argmax": argmax,
     "sample": sample,
+    "dense_decoder_layer": dense_decoder_layer,
 }

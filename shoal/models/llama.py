@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from shoal.backends import ops
 from shoal.config import ModelConfig
 from shoal.executor.forward_batch import ForwardBatch
 from shoal.layers.activation import silu_and_mul
@@ -64,6 +65,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.dense_decoder_layer(self, x, residual, fb)
+
+    def forward_ops(self, x: torch.Tensor, residual: torch.Tensor | None,
+                    fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer op by op (the `dense_decoder_layer` op's native form)."""
         return pre_norm_block(x, residual, self.input_layernorm, lambda h: self.self_attn(h, fb),
                               self.post_attention_layernorm, self.mlp)
 

@@ -505,6 +505,58 @@ def check_sample(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     yield "seeded", seeded
 
 
+def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """A composition, so its reference is the same layer run op by op on the platform (`forward_ops`,
+    each op of which has its own float64 check above) rather than a float64 run: what the platform
+    fuses must agree with what it runs unfused. Int4 weights (as the default model's), fresh caches
+    for each side; decode batches in both the small-batch (5 rows) and the batched (12 rows) kernel
+    range, and a mixed batch (which every platform runs op by op)."""
+    from shoal.config import ModelConfig
+    from shoal.executor.forward_batch import ForwardBatch
+    from shoal.layers.quant import quantize_model
+    from shoal.models.llama import LlamaDecoderLayer
+
+    bs = c.block_size
+    decode12 = [(1, 3 * i + 2) for i in range(11)] + [(1, 2 * bs + 5)]
+    cases = [("smollm2", 576, 9, 3, 1536, False, "decode", decode_layout(bs)),
+             ("smollm2", 576, 9, 3, 1536, False, "decode", decode12),
+             ("qwen2-0.5b", 896, 14, 2, 4864, True, "decode", decode12),
+             ("smollm2", 576, 9, 3, 1536, False, "mixed", mixed_layout(bs))]
+    for model, hid, hq, hkv, inter, bias, kind, layout in cases:
+        def run(hid: int = hid, hq: int = hq, hkv: int = hkv, inter: int = inter, bias: bool = bias,
+                kind: str = kind, layout: list[tuple[int, int]] = layout, model: str = model) -> CaseResult:
+            d = 64
+            cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=hid, intermediate_size=inter,
+                              num_hidden_layers=1, num_attention_heads=hq, num_key_value_heads=hkv)
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(c.dtype)  # as the model runner builds a model (rotary tables stay fp32)
+            try:
+                layer = LlamaDecoderLayer(cfg, bias)
+            finally:
+                torch.set_default_dtype(prev)
+            with torch.no_grad():
+                for name, p in layer.named_parameters():
+                    p.copy_(c.randn(*p.shape, scale=p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1)
+                            + (1.0 if "norm" in name else 0.0))
+            layer = quantize_model(layer, "int4").to(c.device)
+            meta = make_meta(layout, bs, c.gen)
+            nb = num_blocks_of(meta)
+            tokens = sum(n for n, _ in layout)
+            positions = torch.cat([torch.arange(length - n, length) for n, length in layout])
+            fb = ForwardBatch(torch.zeros(tokens, dtype=torch.long, device=c.device), positions.to(c.device),
+                              meta_to(meta, c.device), torch.zeros(0, dtype=torch.long, device=c.device))
+            x, res = c.dev(c.randn(tokens, hid)), c.dev(c.randn(tokens, hid))
+            kc, vc = c.dev(c.randn(nb, bs, hkv, d)), c.dev(c.randn(nb, bs, hkv, d))
+            outs = []
+            for fn in (layer.forward_ops, lambda *a: c.op("dense_decoder_layer")(layer, *a)):
+                layer.self_attn.attn.bind_kv_cache({"k": kc.clone(), "v": vc.clone()})
+                with torch.no_grad():
+                    outs.append(torch.cat(fn(x, res, fb), dim=-1))
+            return c.judge("dense_decoder_layer", f"{model} {hq}/{hkv}×{d}, hidden {hid}, int4, {kind} {layout}",
+                           outs[1], outs[0].cpu().to(F64))
+        yield f"{model} {kind} {len(layout)} rows", run
+
+
 CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "rms_norm": check_rms_norm,
     "add_rms_norm": check_add_rms_norm,
@@ -518,4 +570,5 @@ CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "quant_linear": check_quant_linear,
     "argmax": check_argmax,
     "sample": check_sample,
+    "dense_decoder_layer": check_dense_decoder_layer,
 }

@@ -274,6 +274,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return native.silu_and_mul(x) if out is None else out
 
 
+def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
+                        fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
+    """A decode step's Llama-family layer in one C++ call (ops.cpp `dense_decode_layer`: the eager
+    step's kernels in the eager step's order), or None where it does not apply: not a decode-only
+    bf16 batch of at most kernels.QUANT_GEMM_MAX_ROWS rows, the C++ operators not built, a projection
+    not in qgemv.c's packed layouts (or too wide for the AMX kernel), tensor parallelism, biases
+    other than q/k/v's, partial or interleaved rotary or rotary tables not in fp32 (which the eager
+    step's C kernel does not take either), or a cache that is not contiguous bf16."""
+    meta = fb.attn
+    rows = x.shape[0]
+    if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+            and 0 < rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()):
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if (attn.o_proj.tp.size > 1 or any(lin.quant is None for lin in lins)
+            or any(lin.bias is not None for lin in lins[1:])):
+        return None
+    weights, kinds = [], []
+    for lin in lins:
+        kern = _packed(lin.quant, torch.bfloat16)
+        if kern is None or kern[0] != "gemv" or (
+                rows > PACKED_MAX_ROWS and not kernels.quant_gemm_supported(lin.quant.out_features, lin.quant.in_features)):
+            return None
+        weights.extend(kern[2])
+        kinds.append(kern[1])
+    rot, paged = attn.rotary, attn.attn
+    kc, vc = paged.k_cache, paged.v_cache
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if (rot.interleaved or rot.rot_dim != attn.head_dim or rot.cos.dtype != torch.float32 or rot.sin.dtype != torch.float32
+            or not (rot.cos.is_contiguous() and rot.sin.is_contiguous()) or kc is None or vc is None
+            or kc.dtype != torch.bfloat16 or vc.dtype != torch.bfloat16 or not (kc.is_contiguous() and vc.is_contiguous())
+            or norms[0].eps != norms[1].eps or norms[0].weight.dtype != norms[1].weight.dtype):
+        return None
+    bias = attn.qkv_proj.bias
+    return torch.ops.shoal.dense_decode_layer(
+        x.contiguous(), None if residual is None else residual.contiguous(), norms[0].weight, norms[1].weight,
+        norms[0].eps, weights, kinds, [attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features],
+        None if bias is None else bias.to(x.dtype), rot.cos, rot.sin, fb.positions, kc, vc, meta.slot_mapping,
+        meta.block_tables, meta.seq_lens, paged.scale)
+
+
+def dense_decoder_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
+                        fb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Decode steps: the whole layer in one C++ call where `_fused_decode_layer` applies (a compiled
+    step then makes one dispatcher call a layer instead of nine, with no graph kernels between
+    them); otherwise, and for prompt and mixed steps, op by op."""
+    out = _fused_decode_layer(layer, x, residual, fb)
+    return layer.forward_ops(x, residual, fb) if out is None else out
+
+
 def _meminfo() -> tuple[int, int]:
     vals = {}
     try:
@@ -313,7 +364,7 @@ class CpuPlatform(Platform):
     kv_cache_max_bytes = 2 * 2**30  # zero-filling more costs seconds at start-up
     op_overrides = {"quant_linear": quant_linear, "paged_attention": paged_attention, "rms_norm": rms_norm,
                     "rotary": rotary, "silu_and_mul": silu_and_mul, "store_kv": store_kv, "argmax": argmax,
-                    "add_rms_norm": add_rms_norm}
+                    "add_rms_norm": add_rms_norm, "dense_decoder_layer": dense_decoder_layer}
 
     def device_count(self) -> int:
         return 1

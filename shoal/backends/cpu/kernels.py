@@ -382,6 +382,14 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, panels: torch.Tensor, oscale: torch.Tensor | None, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("shoal::dense_decode_layer")
+    def _(x: torch.Tensor, residual: torch.Tensor | None, in_norm: torch.Tensor, post_norm: torch.Tensor, eps: float,
+          weights: list[torch.Tensor], kinds: list[int], dims: list[int], qkv_bias: torch.Tensor | None,
+          cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
     @torch.library.register_fake("shoal::decode_attention")
     def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -5,7 +5,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
 #include <c10/util/Exception.h>
+#include <cstring>
+#include <tuple>
 #include <torch/library.h>
 
 extern "C" {
@@ -20,6 +24,15 @@ int panel_gemm(const uint16_t *x, int64_t ldx, const uint32_t *panels, const flo
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS, int W,
                            float scale, int is_bf16, int nthreads);
+void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, int H, float eps, int is_bf16,
+              int w_bf16, int nthreads);
+void add_rms_norm(const void *x, int64_t ldx, const void *r, int64_t ldr, const void *w, void *out, void *sum,
+                  int64_t N, int H, float eps, int is_bf16, int w_bf16, int nthreads);
+void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const float *sinv, void *out, int64_t T, int NH,
+            int R, int interleaved, int is_bf16, int nthreads);
+void store_rows(const void *src, int64_t src_stride, void *dst, const int64_t *slots, int64_t T, int64_t row_bytes,
+                int nthreads);
+void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int is_bf16, int nthreads);
 }
 
 namespace {
@@ -140,6 +153,129 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
     return out;
 }
 
+
+// y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8, by the rule of the CPU platform's
+// quant_linear: up to 8 rows the VNNI GEMV, more the AMX kernel
+void packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
+    const int m = static_cast<int>(x.size(0)), k = static_cast<int>(x.size(1));
+    const int64_t n = y.size(1);
+    int rc;
+    if (m <= 8)
+        rc = quant_gemv(static_cast<int>(kind), x.data_ptr(), x.stride(0), w[0].data_ptr(), w[1].data_ptr(),
+                        w[2].data_ptr(), y.data_ptr(), n, m, n, k, 1, nthreads);
+    else
+        rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
+                            w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
+                            reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
+                            reinterpret_cast<uint16_t *>(y.data_ptr()), n, m, n, k, nthreads);
+    TORCH_CHECK(rc != -1, "dense_decode_layer: scratch allocation failed");
+    TORCH_CHECK(rc == 0, "dense_decode_layer: the AMX kernel is not available for this shape or CPU");
+}
+
+// One pre-norm decoder layer of a dense model (Llama, Qwen2: grouped-query attention with rotary
+// positions, SwiGLU MLP) for a decode batch (one new token per row, bf16), in one call: the same C
+// kernels, in the same order and with the same roundings, as the layer's eager ops
+//   h, res = add_rms_norm(x, residual) (rms_norm(x), x on the first layer)
+//   q, k, v = qkv(h) [+ bias]; q, k = rotary(q, k); k, v → the paged cache at slot_mapping
+//   o = o_proj(decode_attention(q)); h, res = add_rms_norm(o, res)
+//   out = down(silu(gate(h)) · up(h))
+// so that a compiled decode step makes one dispatcher call a layer instead of nine, with no graph
+// kernels between them. weights: 12 tensors (qkv, o, gate_up, down; each the three of
+// repack_int4/8); kinds: their 4 kinds; dims: [num_heads, num_kv_heads, head_dim, intermediate];
+// cos/sin: the rotary tables [max_position, head_dim / 2] (fp32), gathered here by positions.
+std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
+    const at::Tensor &x, const c10::optional<at::Tensor> &residual, const at::Tensor &in_norm,
+    const at::Tensor &post_norm, double eps, at::TensorList weights, at::IntArrayRef kinds, at::IntArrayRef dims,
+    const c10::optional<at::Tensor> &qkv_bias, const at::Tensor &cos, const at::Tensor &sin,
+    const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &slot_mapping,
+    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
+    const char *op = "dense_decode_layer";
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), op,
+                ": x must be a contiguous bf16 CPU tensor [B, hidden]");
+    TORCH_CHECK(weights.size() == 12 && kinds.size() == 4 && dims.size() == 4, op, ": 12 weights, 4 kinds, 4 dims");
+    const int64_t b = x.size(0), hid = x.size(1), hq = dims[0], hkv = dims[1], d = dims[2], inter = dims[3];
+    const int64_t qd = hq * d, kvd = hkv * d, qkv_n = qd + 2 * kvd;
+    TORCH_CHECK(d % 2 == 0 && hq % hkv == 0, op, ": head_dim must be even, query heads a multiple of KV heads");
+    TORCH_CHECK(b <= 64, op, ": at most 64 rows");
+    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                    k_cache.size(2) == hkv && k_cache.size(3) == d && v_cache.size(2) == hkv && v_cache.size(3) == d,
+                op, ": caches must be contiguous bf16 [blocks, block_size, kv_heads, head_dim]");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == d / 2 && sin.sizes() == cos.sizes(),
+                op, ": cos/sin must be contiguous fp32 [positions, head_dim / 2]");
+    TORCH_CHECK(in_norm.is_contiguous() && post_norm.is_contiguous() && in_norm.numel() == hid &&
+                    post_norm.numel() == hid && in_norm.scalar_type() == post_norm.scalar_type() &&
+                    (in_norm.scalar_type() == at::kBFloat16 || in_norm.scalar_type() == at::kFloat),
+                op, ": norm weights must be contiguous bf16/fp32 [hidden]");
+    const int64_t ns[4] = {qkv_n, hid, 2 * inter, hid}, ks[4] = {hid, qd, hid, inter};
+    for (int i = 0; i < 4; i++) check_packed_weight(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], kinds[i], ns[i], ks[i], op);
+    auto pos = positions.to(at::kLong).contiguous();
+    auto slots = slot_mapping.to(at::kLong).contiguous();
+    auto tables = block_tables.to(at::kLong).contiguous();
+    auto lens = seq_lens.to(at::kLong).contiguous();
+    TORCH_CHECK(pos.numel() == b && slots.numel() == b && lens.numel() == b && tables.dim() == 2 && tables.size(0) == b,
+                op, ": positions, slot_mapping, seq_lens and block_tables need one entry (row) per token");
+    const int64_t npos = cos.size(0), nslots = k_cache.size(0) * k_cache.size(1);
+    const int64_t *pp = pos.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; i++) {
+        TORCH_CHECK(pp[i] >= 0 && pp[i] < npos, op, ": position ", pp[i], " out of range");
+        TORCH_CHECK(sp[i] >= 0 && sp[i] < nslots, op, ": cache slot ", sp[i], " out of range");
+    }
+    const int nt = at::get_num_threads(), wb = in_norm.scalar_type() == at::kBFloat16;
+    const float feps = static_cast<float>(eps);
+    auto opts = x.options();
+    auto h = at::empty({b, hid}, opts), res = at::empty({b, hid}, opts);
+    if (b == 0) return {h, res};
+    if (residual.has_value() && residual->defined()) {
+        const at::Tensor &r = *residual;
+        TORCH_CHECK(r.scalar_type() == at::kBFloat16 && r.sizes() == x.sizes() && r.is_contiguous(), op,
+                    ": residual must match x");
+        add_rms_norm(x.data_ptr(), hid, r.data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), res.data_ptr(), b,
+                     static_cast<int>(hid), feps, 1, wb, nt);
+    } else {
+        rms_norm(x.data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), b, static_cast<int>(hid), feps, 1, wb, nt);
+        res.copy_(x);
+    }
+    auto qkv = at::empty({b, qkv_n}, opts);
+    packed_matmul(h, &weights[0], kinds[0], qkv, nt);
+    if (qkv_bias.has_value() && qkv_bias->defined()) qkv.add_(*qkv_bias);
+    // the rotary rows of this batch's positions
+    auto cs = at::empty({2, b, d / 2}, cos.options());
+    float *cb = cs.data_ptr<float>(), *sb = cb + b * (d / 2);
+    for (int64_t i = 0; i < b; i++) {
+        std::memcpy(cb + i * (d / 2), cos.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
+        std::memcpy(sb + i * (d / 2), sin.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
+    }
+    auto q = at::empty({b, hq, d}, opts), k = at::empty({b, hkv, d}, opts);
+    auto *qkv_p = reinterpret_cast<uint16_t *>(qkv.data_ptr());
+    rotary(qkv_p, qkv_n, d, cb, sb, q.data_ptr(), b, static_cast<int>(hq), static_cast<int>(d), 0, 1, nt);
+    rotary(qkv_p + qd, qkv_n, d, cb, sb, k.data_ptr(), b, static_cast<int>(hkv), static_cast<int>(d), 0, 1, nt);
+    store_rows(k.data_ptr(), kvd * 2, k_cache.data_ptr(), sp, b, kvd * 2, nt);
+    store_rows(qkv_p + qd + kvd, qkv_n * 2, v_cache.data_ptr(), sp, b, kvd * 2, nt);
+    auto attn = at::empty({b, hq * d}, opts);
+    const int rc = paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), attn.data_ptr(),
+                                          static_cast<int>(b), static_cast<int>(hq), static_cast<int>(hkv),
+                                          static_cast<int>(d), static_cast<int>(d), static_cast<int>(k_cache.size(1)),
+                                          static_cast<int>(tables.size(1)), static_cast<float>(scale), 1, nt);
+    TORCH_CHECK(rc == 0, op, ": scratch allocation failed");
+    auto o = at::empty({b, hid}, opts);
+    packed_matmul(attn, &weights[3], kinds[1], o, nt);
+    auto h2 = at::empty({b, hid}, opts), res2 = at::empty({b, hid}, opts);
+    add_rms_norm(o.data_ptr(), hid, res.data_ptr(), hid, post_norm.data_ptr(), h2.data_ptr(), res2.data_ptr(), b,
+                 static_cast<int>(hid), feps, 1, wb, nt);
+    auto gu = at::empty({b, 2 * inter}, opts), act = at::empty({b, inter}, opts);
+    packed_matmul(h2, &weights[6], kinds[2], gu, nt);
+    if (b > 8)
+        silu_and_mul(gu.data_ptr(), 2 * inter, act.data_ptr(), b, static_cast<int>(inter), 1, nt);
+    else  // as the eager step: torch's two ops for a few rows
+        at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
+    auto out = at::empty({b, hid}, opts);
+    packed_matmul(act, &weights[9], kinds[3], out, nt);
+    return {out, res2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
@@ -149,6 +285,10 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
     m.def("panel_gemm(Tensor x, Tensor panels, Tensor? oscale, int n) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
           "float scale) -> Tensor");
+    m.def("dense_decode_layer(Tensor x, Tensor? residual, Tensor in_norm, Tensor post_norm, float eps, "
+          "Tensor[] weights, int[] kinds, int[] dims, Tensor? qkv_bias, Tensor cos, Tensor sin, Tensor positions, "
+          "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
+          "float scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
@@ -157,4 +297,5 @@ TORCH_LIBRARY_IMPL(shoal, CPU, m) {
     m.impl("quant_panels", &quant_panels_op);
     m.impl("panel_gemm", &panel_gemm_op);
     m.impl("decode_attention", &decode_attention_op);
+    m.impl("dense_decode_layer", &dense_decode_layer_op);
 }

@@ -1,0 +1,88 @@
+"""The CPU platform's whole-layer decode kernel (ops.cpp `dense_decode_layer`, reached through the
+`dense_decoder_layer` op) against the same layer run op by op: bit-identical outputs and caches on
+every decode batch of a generation (batch sizes 12 down to 1: both the small-batch GEMV and the AMX
+matmul ranges), for Llama and Qwen2 (q/k/v biases), int4 and int8 weights; and a compiled bf16
+decode step built on it gives the eager step's greedy tokens."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from shoal import LLM, SamplingParams
+from shoal.backends import cpu
+from shoal.backends.cpu import kernels
+from tests.tiny import make_llama, make_qwen2
+
+PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(3 + 5 * i)]} for i in range(12)]
+
+
+def _needs_kernels() -> None:
+    if not (kernels.torch_ops() and kernels.gemv_fast() and kernels.quant_gemm_supported(64, 64)):
+        pytest.skip("the fused layer needs the C++ operators, the VNNI GEMV and AMX-BF16 (not all here)")
+
+
+@pytest.mark.parametrize("maker,quant", [(make_llama, "int4"), (make_qwen2, "int4"), (make_llama, "int8")])
+def test_fused_decode_layer_is_the_layer_op_by_op(tmp_path, monkeypatch, maker, quant):
+    _needs_kernels()
+    llm = LLM(str(maker(tmp_path / "m")), dtype="bfloat16", quantization=quant, enforce_eager=True, progress=False,
+              max_num_seqs=16, num_blocks_override=64)
+    fused, sizes = cpu._fused_decode_layer, collections.Counter()
+
+    def both(layer, x, residual, fb):  # noqa: ANN001, ANN202
+        paged = layer.self_attn.attn
+        kc, vc = paged.k_cache.clone(), paged.v_cache.clone()
+        got = fused(layer, x, residual, fb)
+        if got is None:
+            assert not fb.attn.decode_only, f"a {x.shape[0]}-row decode batch did not take the fused layer"
+            return None
+        kf, vf = paged.k_cache.clone(), paged.v_cache.clone()
+        paged.k_cache.copy_(kc)
+        paged.v_cache.copy_(vc)
+        want = layer.forward_ops(x, residual, fb)
+        for a, b in zip(got + (kf, vf), want + (paged.k_cache, paged.v_cache)):
+            assert torch.equal(a, b)
+        sizes[x.shape[0]] += 1
+        return got
+
+    monkeypatch.setattr(cpu, "_fused_decode_layer", both)
+    outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=2 + 2 * i, ignore_eos=True)
+                                  for i in range(len(PROMPTS))])
+    assert all(len(o.outputs[0].token_ids) == 2 + 2 * i for i, o in enumerate(outs))
+    assert min(sizes) <= 8 < max(sizes), sizes  # both matmul kernels ran
+
+
+def test_fused_layer_declines_what_it_does_not_cover(tmp_path):
+    """float32 activations and prompt batches run op by op (the op returns the unfused result)."""
+    _needs_kernels()
+    llm = LLM(str(make_llama(tmp_path / "m")), dtype="float32", quantization="int4", enforce_eager=True,
+              progress=False, num_blocks_override=64)
+    calls = collections.Counter()
+    fused = cpu._fused_decode_layer
+
+    def count(*a):  # noqa: ANN002, ANN202
+        out = fused(*a)
+        calls["fused" if out is not None else "op by op"] += 1
+        return out
+
+    cpu._fused_decode_layer = count
+    try:
+        llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    finally:
+        cpu._fused_decode_layer = fused
+    assert calls["fused"] == 0 and calls["op by op"] > 0
+
+
+def test_compiled_bf16_decode_on_the_fused_layer_matches_eager(tmp_path, monkeypatch):
+    _needs_kernels()
+    path = make_llama(tmp_path / "m")
+    kw = dict(dtype="bfloat16", quantization="int4", progress=False, max_num_seqs=12, num_blocks_override=64)
+    compiled = LLM(str(path), enforce_eager=False, **kw)
+    assert compiled.engine.runner._compiled_decode is not None, "compile failed; see the warning in the log"
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in compiled.generate(PROMPTS[:10], params)]  # a batch of 10 padded to 12
+    monkeypatch.setattr(cpu, "_fused_decode_layer", lambda *a: None)  # the eager reference, op by op
+    eager = LLM(str(path), enforce_eager=True, **kw)
+    assert got == [o.outputs[0].token_ids for o in eager.generate(PROMPTS[:10], params)]
