@@ -2,7 +2,8 @@
 
 Every op uses its native form here except `quant_linear` (for bf16 decode rows shoal's VNNI GEMV,
 qgemv.c; else torch's packed int8/int4 CPU kernels, or a dense oneDNN matmul for many rows),
-`paged_attention` and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
+`paged_attention`, `dense_decoder_layer` (a decode step's Llama-family layer as one C++ call of
+the kernels below) and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
 kernels.c, when a C compiler is present); the CPU run of `shoal conformance` checks the native ops
 themselves (against the independent slow references in the suite).
 """

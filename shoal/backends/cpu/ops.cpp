@@ -153,7 +153,6 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
     return out;
 }
 
-
 // y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8, by the rule of the CPU platform's
 // quant_linear: up to 8 rows the VNNI GEMV, more the AMX kernel
 void packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
