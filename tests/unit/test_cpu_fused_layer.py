@@ -54,7 +54,7 @@ def test_fused_decode_layer_is_the_layer_op_by_op(tmp_path, monkeypatch, maker, 
     assert min(sizes) <= 8 < max(sizes), sizes  # both matmul kernels ran
 
 
-def test_fused_layer_declines_what_it_does_not_cover(tmp_path):
+def test_fused_layer_declines_what_it_does_not_cover(tmp_path, monkeypatch):
     """float32 activations and prompt batches run op by op (the op returns the unfused result)."""
     _needs_kernels()
     llm = LLM(str(make_llama(tmp_path / "m")), dtype="float32", quantization="int4", enforce_eager=True,
@@ -67,11 +67,8 @@ def test_fused_layer_declines_what_it_does_not_cover(tmp_path):
         calls["fused" if out is not None else "op by op"] += 1
         return out
 
-    cpu._fused_decode_layer = count
-    try:
-        llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    finally:
-        cpu._fused_decode_layer = fused
+    monkeypatch.setattr(cpu, "_fused_decode_layer", count)
+    llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert calls["fused"] == 0 and calls["op by op"] > 0
 
 

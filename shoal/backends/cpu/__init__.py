@@ -323,7 +323,7 @@ def dense_decoder_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  
     step then makes one dispatcher call a layer instead of nine, with no graph kernels between
     them); otherwise, and for prompt and mixed steps, op by op."""
     out = _fused_decode_layer(layer, x, residual, fb)
-    return layer.forward_ops(x, residual, fb) if out is None else out
+    return native.dense_decoder_layer(layer, x, residual, fb) if out is None else out
 
 
 def _meminfo() -> tuple[int, int]:

@@ -58,6 +58,24 @@ void check_packed(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w
     check_packed_weight(w0, w1, w2, kind, n, x.size(1), op);
 }
 
+// The two packed-weight kernels on x [M, K] (rows x.stride(0) apart) and w (the three tensors of
+// kernels.repack_int4/8) into y [M, n]; the kernel's return code
+int call_quant_gemv(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
+    const int64_t n = y.size(1);
+    return quant_gemv(static_cast<int>(kind), x.data_ptr(), x.stride(0), w[0].data_ptr(), w[1].data_ptr(),
+                      w[2].data_ptr(), y.data_ptr(), n, static_cast<int>(x.size(0)), n, static_cast<int>(x.size(1)),
+                      x.scalar_type() == at::kBFloat16, nthreads);
+}
+
+int call_quant_gemm(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
+    const int64_t n = y.size(1);
+    return quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
+                          w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
+                          reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
+                          reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(x.size(0)), n,
+                          static_cast<int>(x.size(1)), nthreads);
+}
+
 // x [M, K] (rows may be strided, elements contiguous); weight tensors from kernels.repack_int4/8
 at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
@@ -66,9 +84,8 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     const int64_t m = x.size(0), k = x.size(1);
     auto y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
-    const int rc = quant_gemv(static_cast<int>(kind), x.data_ptr(), x.stride(0), w0.data_ptr(), w1.data_ptr(),
-                              w2.data_ptr(), y.data_ptr(), n, static_cast<int>(m), n, static_cast<int>(k),
-                              x.scalar_type() == at::kBFloat16, at::get_num_threads());
+    const at::Tensor w[3] = {w0, w1, w2};
+    const int rc = call_quant_gemv(x, w, kind, y, at::get_num_threads());
     TORCH_CHECK(rc == 0, "quant_gemv: scratch allocation failed");
     return y;
 }
@@ -81,11 +98,8 @@ at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     const int64_t m = x.size(0), k = x.size(1);
     auto y = at::empty({m, n}, x.options());
     if (m == 0 || n == 0) return y;
-    const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
-                                  w0.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w1.data_ptr()),
-                                  reinterpret_cast<const uint16_t *>(w2.data_ptr()),
-                                  reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(m), n,
-                                  static_cast<int>(k), at::get_num_threads());
+    const at::Tensor w[3] = {w0, w1, w2};
+    const int rc = call_quant_gemm(x, w, kind, y, at::get_num_threads());
     TORCH_CHECK(rc != -1, "quant_gemm: scratch allocation failed");
     TORCH_CHECK(rc == 0, "quant_gemm: not available for this shape or CPU (check kernels.quant_gemm_supported)");
     return y;
@@ -153,20 +167,14 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
     return out;
 }
 
-// y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8, by the rule of the CPU platform's
-// quant_linear: up to 8 rows the VNNI GEMV, more the AMX kernel
+// Decode rows the CPU platform's quant_linear sends to the VNNI GEMV (PACKED_MAX_ROWS in
+// backends/cpu); more go to the AMX kernel. kernels.silu_and_mul leaves as few rows to torch's ops.
+constexpr int64_t kSmallRows = 8;
+
+// y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8, by quant_linear's rule
 void packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
-    const int m = static_cast<int>(x.size(0)), k = static_cast<int>(x.size(1));
-    const int64_t n = y.size(1);
-    int rc;
-    if (m <= 8)
-        rc = quant_gemv(static_cast<int>(kind), x.data_ptr(), x.stride(0), w[0].data_ptr(), w[1].data_ptr(),
-                        w[2].data_ptr(), y.data_ptr(), n, m, n, k, 1, nthreads);
-    else
-        rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
-                            w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
-                            reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
-                            reinterpret_cast<uint16_t *>(y.data_ptr()), n, m, n, k, nthreads);
+    const int rc = x.size(0) <= kSmallRows ? call_quant_gemv(x, w, kind, y, nthreads)
+                                           : call_quant_gemm(x, w, kind, y, nthreads);
     TORCH_CHECK(rc != -1, "dense_decode_layer: scratch allocation failed");
     TORCH_CHECK(rc == 0, "dense_decode_layer: the AMX kernel is not available for this shape or CPU");
 }
@@ -266,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
                  static_cast<int>(hid), feps, 1, wb, nt);
     auto gu = at::empty({b, 2 * inter}, opts), act = at::empty({b, inter}, opts);
     packed_matmul(h2, &weights[6], kinds[2], gu, nt);
-    if (b > 8)
+    if (b > kSmallRows)
         silu_and_mul(gu.data_ptr(), 2 * inter, act.data_ptr(), b, static_cast<int>(inter), 1, nt);
     else  // as the eager step: torch's two ops for a few rows
         at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
