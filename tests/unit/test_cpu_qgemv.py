@@ -121,6 +121,31 @@ def test_platform_quant_linear_uses_the_kernel_for_decode_rows():
         assert (got.float() - ref).norm() / ref.norm() < 0.02
 
 
+@pytest.mark.parametrize("kind", [4, 8])
+def test_decode_rows_take_the_gemv_then_the_amx_kernel(kind):
+    """quant_linear's decode rows (up to PACKED_MAX_ROWS) go through one operator, `quant_matmul`,
+    which picks by rows: the VNNI GEMV up to GEMV_MAX_ROWS bf16 rows and for fp32, the AMX kernel for
+    more bf16 rows where it runs (faster from 4 rows: it decodes the weight once, the GEMV re-reads it
+    every 4 rows). Each row count gives exactly the numbers of the kernel that should run."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    from shoal.backends import cpu
+
+    w = _weights(96, 576, seed=21)[0 if kind == 4 else 1]
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in range(1, cpu.PACKED_MAX_ROWS + 1):
+            x = _x(rows, 576, dtype, seed=rows).contiguous()
+            got = cpu.quant_linear(x, w, None)
+            form, _, packed = w.kernel_cache[("cpu", dtype)][:3]
+            if form != "gemv":  # fp32 int4: torch's packed kernel
+                assert dtype == torch.float32
+                continue
+            amx = dtype == torch.bfloat16 and rows > kernels.GEMV_MAX_ROWS and kernels.quant_gemm_supported(96, 576)
+            op = torch.ops.shoal.quant_gemm if amx else torch.ops.shoal.quant_gemv
+            torch.testing.assert_close(got, op(x, *packed, kind, 96), atol=0, rtol=0)
+            torch.testing.assert_close(got, torch.ops.shoal.quant_matmul(x, *packed, kind, 96), atol=0, rtol=0)
+
+
 def test_repack_refuses_scales_outside_fp16():
     w4, _ = _weights(16, 64, seed=5)
     assert kernels.repack_int4(w4.codes, w4.scales * 1e6, w4.zeros) is None

@@ -117,8 +117,9 @@ def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.
 
 def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
     """Weight-only quantized matmul, by rows of x:
-    - up to PACKED_MAX_ROWS (decode): shoal's VNNI GEMV (qgemv.c) where it is built, else torch's
-      packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
+    - up to PACKED_MAX_ROWS (decode): shoal's VNNI GEMV (qgemv.c) where it is built, except bf16 rows
+      above kernels.GEMV_MAX_ROWS, which take the AMX kernel below where it runs (`kernels.packed_matmul`,
+      one operator); else torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
     - up to kernels.QUANT_GEMM_MAX_ROWS, bf16, in qgemv.c's layouts (batched decode): shoal's AMX
       kernel (qgemv.c `quant_gemm_amx`: the weight decoded to bf16 tile by tile, reading 4.5 or 8
       bits a weight instead of 16; a 32-row decode step 33.9 → 28.9 ms), where the CPU has AMX-BF16;
@@ -146,7 +147,7 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     if batched:
         y = torch.ops.shoal.quant_gemm(x2, *kern[2], kern[1], n)
     elif kern[0] == "gemv":
-        y = kernels.quant_gemv(x2, kern[2], kern[1], n)
+        y = kernels.packed_matmul(x2, kern[2], kern[1], n)
     elif kern[0] == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, kern[1], kern[2])
     else:

@@ -374,6 +374,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("shoal::quant_matmul")
+    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n))
+
     @torch.library.register_fake("shoal::quant_gemm")
     def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
@@ -477,6 +481,21 @@ def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     s [N] fp32, an unused placeholder)."""
     biased = (qweight.to(torch.int16) + 128).to(torch.uint8)
     return _lane_order(biased, 128).contiguous(), scales.float().contiguous(), torch.empty(0, dtype=torch.uint8)
+
+
+# bf16 decode rows above this many go to the AMX kernel where it runs (ops.cpp kAmxMinRows − 1): the
+# GEMV re-reads the weight for every 4 rows; measured crossover 3 rows
+GEMV_MAX_ROWS = 3
+
+
+def packed_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, ...], kind: int, n: int) -> torch.Tensor:
+    """Decode rows (up to the platform's PACKED_MAX_ROWS) · Wᵀ by the platform's rule: the C++ operator
+    `quant_matmul` (the VNNI GEMV for fp32 and up to GEMV_MAX_ROWS bf16 rows, the AMX kernel for more
+    where it runs: one operator, so a compiled graph with a symbolic batch size does not branch), else
+    the GEMV through ctypes."""
+    if _cxx_ops:
+        return torch.ops.shoal.quant_matmul(x, packed[0], packed[1], packed[2], kind, n)
+    return quant_gemv(x, packed, kind, n)
 
 
 def quant_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, ...], kind: int, n: int) -> torch.Tensor:
