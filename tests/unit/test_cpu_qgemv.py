@@ -178,9 +178,10 @@ def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
 
 @pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("m,n,k", [(9, 960, 576), (16, 64, 64), (32, 3072, 576), (33, 576, 1536), (64, 48, 160),
+                                   (4, 96, 576), (81, 576, 1536), (96, 48, 160),
                                    (20, 16, 96), (40, 32, 224)])
 def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
-    """qgemv.c quant_gemm_amx (batched decode, 9–64 rows): bf16 activations against the weight
+    """qgemv.c quant_gemm_amx (batched decode, 4–96 rows): bf16 activations against the weight
     decoded to bf16 (int4: w = s·q + m rounded once; int8: q exactly, s applied to the output),
     fp32 accumulation. Reference: the same weight in a float64 matmul; the kernel's only further
     rounding is its bf16 output. K values cover one pair, pairs plus a 32-byte tail, and padding."""
@@ -227,7 +228,7 @@ def test_panel_gemm_matches_the_dequantized_weight(kind, m, n, k):
 
 
 def test_platform_quant_linear_routes_by_rows():
-    """bf16 rows: 9–64 through quant_gemm_amx, 65..PANEL_GEMM_MAX_ROWS with K % 32 == 0 through
+    """bf16 rows: 9–96 through quant_gemm_amx, 97..PANEL_GEMM_MAX_ROWS with K % 32 == 0 through
     panel_gemm, more rows (or K % 32 != 0) through the dense matmul, where the AMX kernels run (else
     all through the dense matmul). All agree with the float64 reference, int4 and int8 weights."""
     from shoal.backends import cpu
@@ -237,7 +238,7 @@ def test_platform_quant_linear_routes_by_rows():
     int8_k80 = Int8Weight.quantize(torch.randn(96, 80, generator=torch.Generator().manual_seed(12)) * 0.05)
     for k, ws in ((576, _weights(96, 576, seed=11)), (80, [int8_k80])):  # int4 needs K % 32 == 0
         for w in ws:
-            for rows in (9, 64, 65, big + 1):
+            for rows in (9, 64, 65, 96, 97, big + 1):
                 x = _x(rows, k, torch.bfloat16, seed=rows)
                 got = cpu.quant_linear(x, w, bias.bfloat16())
                 ref = native.quant_linear(x.double(), w, bias.double())
@@ -245,9 +246,9 @@ def test_platform_quant_linear_routes_by_rows():
             if not kernels.quant_gemm_supported(96, k):
                 continue
             _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
-            for rows in (32, 65, big, big + 1):  # the same numbers as the operator that should run
+            for rows in (32, 65, 96, 97, big, big + 1):  # the same numbers as the operator that should run
                 x = _x(rows, k, torch.bfloat16, seed=3)
-                if rows <= 64:
+                if rows <= kernels.QUANT_GEMM_MAX_ROWS:
                     want = torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96)
                 elif rows <= big and k % 32 == 0:
                     panels = torch.ops.shoal.quant_panels(*packed, kind, 96, k)

@@ -90,7 +90,7 @@ at::Tensor quant_gemv_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     return y;
 }
 
-// x [M, K] bf16 (9..64 rows, contiguous rows); a weight from kernels.repack_int4/8; AMX tiles
+// x [M, K] bf16 (4..96 rows, contiguous rows); a weight from kernels.repack_int4/8; AMX tiles
 at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
                          int64_t kind, int64_t n) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm: x must be a bf16 CPU tensor");
@@ -175,7 +175,7 @@ constexpr int64_t kSmallRows = 8;
 // gate/up at 8 rows 5.5 → 2.2 ms, at 4 rows 3.3 → 2.6 ms; 3 rows about equal, 1-2 rows the GEMV faster
 constexpr int64_t kAmxMinRows = 4;
 
-// y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8 and up to 64 rows, by quant_linear's
+// y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8 and up to 96 rows, by quant_linear's
 // rule: the AMX kernel for bf16 rows from kAmxMinRows where it applies, else the GEMV (which takes
 // any number of rows, bf16 or fp32). Returns the kernel's code (0, or -1: scratch allocation failed).
 int call_packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
     const int64_t b = x.size(0), hid = x.size(1), hq = dims[0], hkv = dims[1], d = dims[2], inter = dims[3];
     const int64_t qd = hq * d, kvd = hkv * d, qkv_n = qd + 2 * kvd;
     TORCH_CHECK(d % 2 == 0 && hq % hkv == 0, op, ": head_dim must be even, query heads a multiple of KV heads");
-    TORCH_CHECK(b <= 64, op, ": at most 64 rows");
+    TORCH_CHECK(b <= 96, op, ": at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
     TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
                     k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
                     k_cache.size(2) == hkv && k_cache.size(3) == d && v_cache.size(2) == hkv && v_cache.size(3) == d,

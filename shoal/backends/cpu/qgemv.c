@@ -318,14 +318,14 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 }
 
 /* ------------------------------------------------------------------------------------------------
- * quant_gemm_amx: an int4 or int8 weight in the layouts above against 9–64 bf16 activation rows (batched
+ * quant_gemm_amx: an int4 or int8 weight in the layouts above against 4–96 bf16 activation rows (batched
  * decode), on AMX-BF16 tiles. Unlike quant_gemv the activations stay bf16: each weight block is
  * decoded to bf16 (w = s·q + m rounded once, through a 32-entry table per pair of groups and one
  * vpermw per 32 weights) into an A tile of 16 output rows × 32 lane-order positions, and the
  * activations are laid out once per call as the matching B tiles (pairs of K positions × rows).
  * Products accumulate in fp32 tiles over the whole of K; y is rounded to bf16 once.
  * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no AMX, N % 16, K odd,
- * M > 64): the caller runs another kernel (prompts: panel_gemm below).
+ * M > 96): the caller runs another kernel (prompts: panel_gemm below).
  * ------------------------------------------------------------------------------------------------ */
 #include "amx.h"
 #if QG_FAST && defined(AMX_TILES)
@@ -400,7 +400,7 @@ static inline __attribute__((always_inline)) void qg_decode_int4_row(const uint8
 #endif
 
 /* ------------------------------------------------------------------------------------------------
- * Prompt-sized products (more than 64 rows) on AMX tiles, from a bf16 copy of the weight laid out
+ * Prompt-sized products (more than 96 rows) on AMX tiles, from a bf16 copy of the weight laid out
  * once as VNNI B tiles ("panels"): for each block of 16 output columns, K / 32 tiles of 16 pairs of
  * K positions (natural order) × 16 columns. quant_panels builds them from the packed int4/int8
  * weight (the lane-order decode of quant_gemm_amx, the same bf16 values, transposed in registers);
@@ -610,7 +610,7 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
     (void)nthreads;
     return -2;
 #else
-    if ((kind != 4 && kind != 8) || M < 1 || M > 64 || N % 16 || K % 2 || !amx_permitted()) return -2;
+    if ((kind != 4 && kind != 8) || M < 1 || M > 96 || N % 16 || K % 2 || !amx_permitted()) return -2;
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, KC = Kp / 32, MB = (M + 15) / 16, Gp = Kp / 32;
     /* B tiles: xb[kc][mb] = 16 rows (dword r of the chunk) × 16 activation rows, 1 KB each. Chunk kc
      * is half kc & 1 of pair kc >> 1; lane dword d of a pair holds x dword 16·((d>>1)&1) + 2·(d>>2) + (d&1) */
