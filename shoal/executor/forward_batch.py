@@ -9,7 +9,8 @@ request that samples) and computes logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,9 @@ class AttentionMetadata:
     block_size: int
     max_query_len: int
     max_seq_len: int
+    # what a platform's ops derive from this metadata, kept for the step's other layers (eager steps;
+    # keys are the platform's own)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

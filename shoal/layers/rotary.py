@@ -92,6 +92,9 @@ class _Tables:
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.cos, self.sin = cos, sin
+        # eager steps: the last rows gathered, (positions, source cos, cos rows, sin rows), so a step's
+        # layers (q and k each) gather once instead of twice a layer
+        self.gathered: tuple | None = None
 
 
 # every layer of a model rotates with the same parameters: one table for all of them (the default
@@ -137,6 +140,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", tables.sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        cos = self.cos.index_select(0, positions)
-        sin = self.sin.index_select(0, positions)
+        cos, sin = self._rows(positions)
         return ops.rotary(x, cos, sin, self.interleaved)
+
+    def _rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables' rows at `positions`. Eagerly, reused while the same positions tensor comes back
+        against the same tables: every layer of a step, q and k (a 2,048-token prompt chunk: 120
+        gathers of 256 KB → 2, ~7 ms of ~380). Identity is enough: the memo holds the tensor (its id
+        cannot be reused) and nothing writes positions in place (each step builds its own; inference
+        tensors have no version counter to check)."""
+        if torch.compiler.is_compiling():
+            return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+        g = self._tables.gathered
+        if g is not None and g[0] is positions and g[1] is self.cos:
+            return g[2], g[3]
+        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+        self._tables.gathered = (positions, self.cos, cos, sin)
+        return cos, sin

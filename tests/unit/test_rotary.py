@@ -26,3 +26,29 @@ def test_layers_with_the_same_parameters_share_one_table():
     del c, m
     gc.collect()
     assert len(rotary._TABLES) == n - 1
+
+
+def test_a_steps_layers_gather_the_rows_once_and_each_step_its_own():
+    """Eagerly, layers sharing a table reuse the rows gathered for the same positions tensor (q and
+    k of every layer of a step); another positions tensor, even with other values in the same
+    storage size, gets its own rows; a layer moved to other tables (its own buffers) never takes
+    another table's rows. Every result equals the rotation computed from scratch."""
+    a, b = RotaryEmbedding(8, 64, 10000.0), RotaryEmbedding(8, 64, 10000.0)
+    x = torch.randn(5, 2, 8)
+
+    def fresh(m: RotaryEmbedding, pos: torch.Tensor) -> torch.Tensor:
+        from shoal.backends import native
+        return native.rotary(x, m.cos.index_select(0, pos), m.sin.index_select(0, pos), False)
+
+    with torch.inference_mode():
+        p1 = torch.tensor([0, 1, 2, 3, 4])
+        torch.testing.assert_close(a(p1, x), fresh(a, p1))
+        first = a._tables.gathered
+        torch.testing.assert_close(b(p1, x), fresh(b, p1))
+        assert b._tables.gathered is first  # reused, not gathered again
+        p2 = torch.tensor([9, 10, 11, 12, 13])
+        torch.testing.assert_close(b(p2, x), fresh(b, p2))
+        assert b._tables.gathered is not first and b._tables.gathered[0] is p2
+        b.cos, b.sin = b.cos * 2, b.sin * 2  # its own buffers now
+        torch.testing.assert_close(b(p2, x), fresh(b, p2))
+        torch.testing.assert_close(a(p2, x), fresh(a, p2))

@@ -166,24 +166,17 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     `enable_gqa` (no repeated KV heads: 173 → 146 us for a 128-token prompt)."""
     hq, hkv = q.shape[1], k_cache.shape[2]
     out = q.new_empty(q.shape[0], hq, v_cache.shape[-1])
-    singles = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-    if len(singles) > 1 and kernels.decode_attention_supported(q, k_cache, v_cache):
-        rows = torch.tensor(singles, dtype=torch.long)
-        tokens = meta.query_start_loc.index_select(0, rows)
-        out.index_copy_(0, tokens, _decode_kernel(q.index_select(0, tokens), k_cache, v_cache,
-                                                  meta.block_tables.index_select(0, rows),
-                                                  meta.seq_lens.index_select(0, rows), scale))
-        done = set(singles)
-    else:
-        done = set()
-    rest = [i for i in range(len(meta.query_lens_cpu)) if i not in done]
-    if rest:
-        rows = torch.tensor(rest, dtype=torch.long)
-        lens = torch.tensor([meta.query_lens_cpu[i] for i in rest], dtype=torch.long)
-        if kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables.index_select(0, rows),
-                                     meta.query_start_loc.index_select(0, rows), lens,
-                                     meta.seq_lens.index_select(0, rows), scale, out):
+    singles, rest = _split_requests(meta, kernels.decode_attention_supported(q, k_cache, v_cache))
+    if singles is not None:
+        tokens, tables, seq_lens = singles
+        out.index_copy_(0, tokens, _decode_kernel(q.index_select(0, tokens), k_cache, v_cache, tables, seq_lens,
+                                                  scale))
+    if rest is not None:
+        done, starts, lens, tables, seq_lens = rest
+        if kernels.prefill_attention(q, k_cache, v_cache, tables, starts, lens, seq_lens, scale, out):
             return out
+    else:
+        done = set(range(len(meta.query_lens_cpu)))
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if i not in done:
@@ -198,6 +191,38 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             out[start : start + n] = o[0].transpose(0, 1)
         start += n
     return out
+
+
+def _split_requests(meta: AttentionMetadata, decode_kernel: bool) -> tuple[tuple | None, tuple | None]:
+    """A prefill or mixed batch's requests for `_prefill_attention`, worked out once a step and kept in
+    `meta.derived` for the other layers (~0.3 ms a layer from Python lists and small tensors):
+    - (first) the one-token requests, when there are several and the decode kernel runs: their token
+      rows, block tables and lengths; else None;
+    - (second) the others: (the set of requests the first part covers, the others' first token rows,
+      new-token counts, block tables and lengths); None when there are none.
+    Not kept while compiling (a traced step derives them in its graph)."""
+    key = ("cpu-split", decode_kernel)
+    split = None if torch.compiler.is_compiling() else meta.derived.get(key)
+    if split is None:
+        singles = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if not (len(singles) > 1 and decode_kernel):
+            singles = []
+        first = second = None
+        if singles:
+            rows = torch.tensor(singles, dtype=torch.long)
+            first = (meta.query_start_loc.index_select(0, rows), meta.block_tables.index_select(0, rows),
+                     meta.seq_lens.index_select(0, rows))
+        done = set(singles)
+        rest = [i for i in range(len(meta.query_lens_cpu)) if i not in done]
+        if rest:
+            rows = torch.tensor(rest, dtype=torch.long)
+            second = (done, meta.query_start_loc.index_select(0, rows),
+                      torch.tensor([meta.query_lens_cpu[i] for i in rest], dtype=torch.long),
+                      meta.block_tables.index_select(0, rows), meta.seq_lens.index_select(0, rows))
+        split = (first, second)
+        if not torch.compiler.is_compiling():
+            meta.derived[key] = split
+    return split
 
 
 def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
