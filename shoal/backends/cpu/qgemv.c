@@ -397,6 +397,30 @@ static inline __attribute__((always_inline)) void qg_decode_int4_row(const uint8
     }
 }
 
+/* int4, the batched-decode kernel's order for a full 64-byte block (two pairs): word w of the block
+ * (bytes 2w, 2w + 1) holds lane values 2w, 2w + 1 of the first pair in nibbles 0 and 2 and of the
+ * second in nibbles 1 and 3, so each of A chunks 0..3 is one shift, one masking (which also sets the
+ * group bit: lane 2w or 2w + 1 is in group (w >> 1) & 1) and one vpermw per row, with no widening of
+ * bytes: chunk 0 = the first pair's even lanes, 1 its odd lanes, 2 and 3 the second pair's. The B
+ * tiles take the activations in the matching order (quant_gemm_amx). The default model's four
+ * projections, 30 layers at 32 rows: 3–9% faster than through qg_decode_int4_row (a C harness 9%,
+ * through the operator 3–5%, within this machine's drift). */
+static inline __attribute__((always_inline)) void qg_decode_int4_block(const uint8_t *c, const float *s, const float *m,
+                                                                       uint16_t *ab, int i) {
+    const __m512i low = _mm512_set1_epi16(0x000f);
+    const __m512i group = _mm512_set1_epi64(0x0010001000000000LL); /* words 2, 3 of every 4 */
+    const __m512i v = _mm512_loadu_si512((const void *)c);
+    const __m512i t0 = qg_table(s, m), t1 = qg_table(s + 2, m + 2);
+    /* (a & low) | group: ternary-logic table 0xEA */
+    _mm512_store_si512(ab + i * 32, _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, low, group, 0xEA), t0));
+    _mm512_store_si512(ab + 512 + i * 32,
+                       _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, group, 0xEA), t0));
+    _mm512_store_si512(ab + 1024 + i * 32,
+                       _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, group, 0xEA), t1));
+    _mm512_store_si512(ab + 1536 + i * 32,
+                       _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), low, group, 0xEA), t1));
+}
+
 #endif
 
 /* ------------------------------------------------------------------------------------------------
@@ -612,8 +636,12 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
 #else
     if ((kind != 4 && kind != 8) || M < 1 || M > 96 || N % 16 || K % 2 || !amx_permitted()) return -2;
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, KC = Kp / 32, MB = (M + 15) / 16, Gp = Kp / 32;
-    /* B tiles: xb[kc][mb] = 16 rows (dword r of the chunk) × 16 activation rows, 1 KB each. Chunk kc
-     * is half kc & 1 of pair kc >> 1; lane dword d of a pair holds x dword 16·((d>>1)&1) + 2·(d>>2) + (d&1) */
+    /* B tiles: xb[kc][mb] = 16 rows (a pair of K positions each) × 16 activation rows, 1 KB each.
+     * int4 pairs in full 64-byte blocks (qg_decode_int4_block): chunk kc holds lanes of parity kc & 1
+     * of pair kc >> 1, its row r K positions 64·(kc >> 1) + 32·(r & 1) + 4·(r >> 1) + (kc & 1) and 2
+     * further (the low or the high halves of two x dwords). Otherwise (int8, int4's 32-byte last
+     * pair) chunk kc is half kc & 1 of pair kc >> 1, lane dword d holding x dword
+     * 16·((d>>1)&1) + 2·(d>>2) + (d&1). */
     uint32_t *xb = aligned_alloc(64, (size_t)KC * MB * 1024);
     if (!xb) return -1;
     int failed = 0;
@@ -628,6 +656,22 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
                 const __mmask16 mk = (__mmask16)((1u << valid) - 1);
                 const uint32_t *base = (const uint32_t *)(x + (int64_t)16 * mb * ldx);
                 uint32_t *dst = xb + ((int64_t)kc * MB + mb) * 256;
+                if (kind == 4 && (kc >> 1) < P - (P & 1)) {
+                    const int sub = kc & 1;
+                    const __m512i half = _mm512_set1_epi32(0xffff);
+                    for (int r = 0; r < 16; r++) {
+                        const int k0 = 64 * (kc >> 1) + 32 * (r & 1) + 4 * (r >> 1) + sub, k1 = k0 + 2;
+                        const __m512i a = k0 < K ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, rows, base + k0 / 2, 4)
+                                                 : _mm512_setzero_si512();
+                        const __m512i b = k1 < K ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, rows, base + k1 / 2, 4)
+                                                 : _mm512_setzero_si512();
+                        /* x[k0] | x[k1] << 16: the low halves (k even) or the high ones */
+                        const __m512i v = sub ? _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_andnot_si512(half, b))
+                                              : _mm512_or_si512(_mm512_and_si512(a, half), _mm512_slli_epi32(b, 16));
+                        _mm512_store_si512(dst + r * 16, v);
+                    }
+                    continue;
+                }
                 for (int r = 0; r < 16; r++) {
                     const int d = (kc & 1) * 16 + r;
                     const int src = (kc >> 1) * 32 + 16 * ((d >> 1) & 1) + 2 * (d >> 2) + (d & 1);
@@ -678,7 +722,10 @@ int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *code
                             qg_prefetch(c + 16 * (int64_t)P * 32);
                             if (p == 0) qg_prefetch(scales + (n + 16) * Gp), qg_prefetch(offs + (n + 16) * Gp);
                         }
-                        qg_decode_int4_row(c, s, m, two, ab, i);
+                        if (two)
+                            qg_decode_int4_block(c, s, m, ab, i);
+                        else
+                            qg_decode_int4_row(c, s, m, 0, ab, i);
                     }
                     for (int q = 0; q < (two ? 4 : 2); q++) {
                         const int kc = 2 * p + q;
