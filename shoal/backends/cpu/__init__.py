@@ -166,17 +166,15 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     `enable_gqa` (no repeated KV heads: 173 → 146 us for a 128-token prompt)."""
     hq, hkv = q.shape[1], k_cache.shape[2]
     out = q.new_empty(q.shape[0], hq, v_cache.shape[-1])
-    singles, rest = _split_requests(meta, kernels.decode_attention_supported(q, k_cache, v_cache))
+    singles, rest, done = _split_requests(meta, kernels.decode_attention_supported(q, k_cache, v_cache))
     if singles is not None:
         tokens, tables, seq_lens = singles
         out.index_copy_(0, tokens, _decode_kernel(q.index_select(0, tokens), k_cache, v_cache, tables, seq_lens,
                                                   scale))
-    if rest is not None:
-        done, starts, lens, tables, seq_lens = rest
-        if kernels.prefill_attention(q, k_cache, v_cache, tables, starts, lens, seq_lens, scale, out):
-            return out
-    else:
-        done = set(range(len(meta.query_lens_cpu)))
+    if rest is None:
+        return out
+    if kernels.prefill_attention(q, k_cache, v_cache, *rest, scale, out):
+        return out
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if i not in done:
@@ -193,16 +191,19 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return out
 
 
-def _split_requests(meta: AttentionMetadata, decode_kernel: bool) -> tuple[tuple | None, tuple | None]:
+def _split_requests(meta: AttentionMetadata,
+                    decode_kernel: bool) -> tuple[tuple | None, tuple | None, set[int]]:
     """A prefill or mixed batch's requests for `_prefill_attention`, worked out once a step and kept in
     `meta.derived` for the other layers (~0.3 ms a layer from Python lists and small tensors):
-    - (first) the one-token requests, when there are several and the decode kernel runs: their token
-      rows, block tables and lengths; else None;
-    - (second) the others: (the set of requests the first part covers, the others' first token rows,
-      new-token counts, block tables and lengths); None when there are none.
+    - the one-token requests, when there are several and the decode kernel runs: their token rows,
+      block tables and lengths; else None;
+    - the others, as `kernels.prefill_attention` takes them: block tables, first token rows,
+      new-token counts and lengths; None when there are none;
+    - the indices of the requests the first part covers.
     Not kept while compiling (a traced step derives them in its graph)."""
     key = ("cpu-split", decode_kernel)
-    split = None if torch.compiler.is_compiling() else meta.derived.get(key)
+    compiling = torch.compiler.is_compiling()
+    split = None if compiling else meta.derived.get(key)
     if split is None:
         singles = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
         if not (len(singles) > 1 and decode_kernel):
@@ -216,11 +217,11 @@ def _split_requests(meta: AttentionMetadata, decode_kernel: bool) -> tuple[tuple
         rest = [i for i in range(len(meta.query_lens_cpu)) if i not in done]
         if rest:
             rows = torch.tensor(rest, dtype=torch.long)
-            second = (done, meta.query_start_loc.index_select(0, rows),
+            second = (meta.block_tables.index_select(0, rows), meta.query_start_loc.index_select(0, rows),
                       torch.tensor([meta.query_lens_cpu[i] for i in rest], dtype=torch.long),
-                      meta.block_tables.index_select(0, rows), meta.seq_lens.index_select(0, rows))
-        split = (first, second)
-        if not torch.compiler.is_compiling():
+                      meta.seq_lens.index_select(0, rows))
+        split = (first, second, done)
+        if not compiling:
             meta.derived[key] = split
     return split
 
