@@ -3,7 +3,15 @@
 The reference is a bf16 Hugging Face copy of the default model (its GGUF dequantized by
 `transformers`), run in bf16. `--quantization int8` must pick the same greedy token as bf16 at ≥ 90%
 of 32 positions over 10 prompts, and give a perplexity on the Gettysburg Address (data/ppl/)
-within 2% of bf16.
+within 2% of the bf16 weights'.
+
+The perplexity pair is computed in float32 (the same weights, bf16 and int8-quantized): on this
+320-token text bf16 *activations* alone move perplexity by about ±2% from one kernel to another —
+measured on one machine: 12.725 with shoal's AVX512-BF16 prompt attention, 12.852 with torch's SDPA,
+12.956 in float32, all on the bf16 weights; the per-token NLL differences between two runs have a
+standard deviation of ~0.18, so the mean's standard error (~1% of perplexity) is half the bound.
+In float32 the difference is the weight quantization's alone (int8: −0.06% there). The bf16-compute
+numbers are printed beside it.
 
 Greedy agreement is measured teacher-forced: bf16 generates 32 tokens per prompt, then the
 quantized model reads prompt + those tokens and we count the positions where its argmax is bf16's
@@ -122,13 +130,17 @@ def test_int8_matches_bf16(bf16_dir):
 
     free, agree, q8_ppl = measure(q8)
     del q8
+    f32 = dict(opts, dtype="float32")
+    ref32_ppl = perplexity(LLM(bf16_dir, **f32), text)
+    q8_32_ppl = perplexity(LLM(bf16_dir, quantization="int8", **f32), text)
     q4 = LLM(bf16_dir, quantization="int4", **opts)
     q4_free, q4_agree, q4_ppl = measure(q4)
     del q4
     gguf = LLM(None, **opts)  # the GGUF's own Q4_1/Q8_0 blocks, packed
     g_free, g_agree, g_ppl = measure(gguf)
-    print(f"\nperplexity (Gettysburg Address): bf16 {ref_ppl:.3f}  int8 {q8_ppl:.3f}  int4 {q4_ppl:.3f}  "
+    print(f"\nperplexity (Gettysburg Address), float32 compute: bf16 weights {ref32_ppl:.3f}  int8 {q8_32_ppl:.3f}"
+          f"\nbf16 compute: bf16 {ref_ppl:.3f}  int8 {q8_ppl:.3f}  int4 {q4_ppl:.3f}  "
           f"GGUF-packed {g_ppl:.3f}\ngreedy agreement with bf16, teacher-forced: int8 {agree:.1%}  "
           f"int4 {q4_agree:.1%}  GGUF-packed {g_agree:.1%}; free-running: int8 {free:.1%}  int4 {q4_free:.1%}  GGUF-packed {g_free:.1%}")
     assert agree >= 0.9, f"int8 greedy agrees with bf16 on only {agree:.1%} of tokens"
-    assert abs(q8_ppl / ref_ppl - 1) < 0.02, f"int8 perplexity {q8_ppl:.3f} vs bf16 {ref_ppl:.3f}"
+    assert abs(q8_32_ppl / ref32_ppl - 1) < 0.02, f"int8 perplexity {q8_32_ppl:.3f} vs bf16 {ref32_ppl:.3f} (float32)"

@@ -21,7 +21,7 @@ PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(3 + 5 * i)
 
 def _needs_kernels() -> None:
     if not (kernels.torch_ops() and kernels.gemv_fast() and kernels.quant_gemm_supported(64, 64)):
-        pytest.skip("the fused layer needs the C++ operators, the VNNI GEMV and AMX-BF16 (not all here)")
+        pytest.skip("the fused layer needs the C++ operators, the VNNI GEMV and a batched kernel (not all here)")
 
 
 @pytest.mark.parametrize("maker,quant", [(make_llama, "int4"), (make_qwen2, "int4"), (make_llama, "int8")])

@@ -73,8 +73,9 @@ def test_paged_decode_attention_in_a_compiled_graph():
     ([40], [0], 4, 2, 96, 80, 16),                         # D off 64, DV off 32
 ])
 def test_cpu_prefill_attention_matches_native(query_lens, contexts, hq, hkv, d, dv, bs):
-    """The CPU platform's attention for prefill and mixed batches (AMX tiles where the CPU has
-    AMX-BF16, else SDPA per request) against the native twin in float64."""
+    """The CPU platform's attention for prefill and mixed batches (kernels.c prefill_attention_bf16 on
+    AMX tiles or AVX512-BF16 where the CPU has them, else SDPA per request) against the native twin in
+    float64."""
     from shoal.backends.cpu import paged_attention
 
     g = torch.Generator().manual_seed(sum(query_lens) + d)
@@ -98,7 +99,8 @@ def test_cpu_prefill_attention_matches_native(query_lens, contexts, hq, hkv, d, 
     rows = torch.tensor(prompts)
     used = kernels.prefill_attention(q, kc, vc, tables[rows], meta.query_start_loc[rows],
                                      torch.tensor([query_lens[i] for i in prompts]), meta.seq_lens[rows], scale, out)
-    assert used == has_cpu_flag("amx_bf16")  # the tile kernel runs exactly where the CPU has AMX-BF16
+    # the kernel runs exactly where the CPU has AMX-BF16 (tiles) or AVX512-BF16 (vdpbf16ps)
+    assert used == (has_cpu_flag("amx_bf16") or has_cpu_flag("avx512_bf16"))
     got = paged_attention(q, kc, vc, meta, scale)
     ref = native.paged_attention(q.double(), kc.double(), vc.double(), meta, scale)
     torch.testing.assert_close(got.double(), ref, atol=1e-2, rtol=1e-2)

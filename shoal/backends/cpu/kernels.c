@@ -757,8 +757,8 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
 }
 
 /* ------------------------------------------------------------------------------------------------
- * prefill_attention_amx: the prompt rows of a prefill or mixed batch against their paged K/V cache
- * (already holding the new tokens), causal, on AMX-BF16 tiles. S sequences; sequence s has
+ * prefill_attention_bf16: the prompt rows of a prefill or mixed batch against their paged K/V cache
+ * (already holding the new tokens), causal, on AMX-BF16 tiles (else AVX512-BF16, below). S sequences; sequence s has
  * q_len[s] query rows starting at row q_start[s] of q [T, HQ, D] and seq_lens[s] cached tokens, the
  * last q_len[s] of which are its queries (earlier ones are a prefix: prefix caching or an earlier
  * chunk). Query i of s sees keys 0 .. seq_lens[s] - q_len[s] + i.
@@ -770,9 +770,10 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
  * softmax per row (fp32; the probabilities rounded to bf16 for the tile product, as torch's CPU
  * flash attention does), then P·V accumulated in fp32 tiles, normalised and rounded to bf16 once.
  * Needs bf16, D % 32 == 0, DV % 16 == 0, BS % 16 == 0. Returns 0; -1 when a scratch allocation
- * failed; -2 when AMX is not compiled in or the kernel does not grant it (the caller falls back).
+ * failed; -2 when neither AMX (granted) nor AVX512-BF16 is compiled in (the caller falls back).
  * ------------------------------------------------------------------------------------------------ */
-#ifdef AMX_TILES
+#if defined(AMX_TILES) || (defined(__AVX512F__) && defined(__AVX512BF16__))
+#define PA_KERNEL 1
 /* 2^t for t ≤ 0: a degree-4 polynomial for 2^f on [-0.5, 0.5] (relative error 3e-6; the
  * probabilities are rounded to bf16 next), scaled back with vscalefps (0 for t far below -126) */
 static inline __m512 exp2_fast(__m512 t) {
@@ -826,15 +827,69 @@ static void amx_layout(const uint16_t *KC, const uint16_t *VC, const int64_t *ta
 }
 #endif
 
-int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                          const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
-                          int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads) {
-#ifndef AMX_TILES
+#ifdef PA_KERNEL
+/* The two products of pass 2 without AMX, on AVX512-BF16 (vdpbf16ps: the same bf16 products, exact
+ * in fp32, summed in another order), from the same layouts. Scores: 16 query rows (qb [16][D]) ×
+ * key block kb: per pair of dimensions one vector of the 16 keys' pair, times each row's pair
+ * broadcast → sc[i][16·kb ..]. */
+static inline void pa_scores_avx512(const uint16_t *qb, const uint16_t *kt, int64_t kblocks, int D, float *sc,
+                                    int64_t ld) {
+    const int NC = D / 32;
+    for (int64_t kb = 0; kb < kblocks; kb++) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        const uint32_t *kd = (const uint32_t *)(kt + kb * NC * 512);
+        for (int c = 0; c < NC; c++)
+            for (int r = 0; r < 16; r++) {
+                const __m512bh kv = (__m512bh)_mm512_load_si512(kd + c * 256 + r * 16);
+                for (int i = 0; i < 16; i++) {
+                    int32_t qv;
+                    memcpy(&qv, qb + i * D + 32 * c + 2 * r, 4);
+                    acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_set1_epi32(qv));
+                }
+            }
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(sc + i * ld + kb * 16, acc[i]);
+    }
+}
+
+/* P·V: rows i0..i0+3 of P (pb [16][ld] bf16, zero past each row's keys) × value columns of chunks
+ * j0..j0+nj-1 (nj ≤ 4), over `pairs` blocks of 32 keys → ob [4][64] fp32 */
+static inline __attribute__((always_inline)) void pa_pv_avx512(const uint16_t *pb, int64_t ld, int i0,
+                                                               const uint16_t *vv, int64_t pairs, int NJ, int j0,
+                                                               int nj, float *ob) {
+    __m512 acc[4][4];
+    for (int ii = 0; ii < 4; ii++)
+        for (int j = 0; j < 4; j++) acc[ii][j] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++)
+        for (int r = 0; r < 16; r++) {
+            __m512bh v[4];
+            for (int j = 0; j < nj; j++) v[j] = (__m512bh)_mm512_load_si512(vv + (p * NJ + j0 + j) * 512 + r * 32);
+            for (int ii = 0; ii < 4; ii++) {
+                int32_t pv;
+                memcpy(&pv, pb + (i0 + ii) * ld + p * 32 + 2 * r, 4);
+                const __m512bh b = (__m512bh)_mm512_set1_epi32(pv);
+                for (int j = 0; j < nj; j++) acc[ii][j] = _mm512_dpbf16_ps(acc[ii][j], v[j], b);
+            }
+        }
+    for (int ii = 0; ii < 4; ii++)
+        for (int j = 0; j < nj; j++) _mm512_storeu_ps(ob + ii * 64 + j * 16, acc[ii][j]);
+}
+#endif
+
+int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
+                           const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
+                           int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads) {
+#ifndef PA_KERNEL
     (void)q, (void)k_cache, (void)v_cache, (void)tables, (void)q_start, (void)q_len, (void)seq_lens, (void)out;
     (void)S, (void)HQ, (void)HKV, (void)D, (void)DV, (void)BS, (void)W, (void)scale, (void)nthreads;
     return -2;
 #else
-    if (D % 32 || DV % 16 || BS % 16 || HQ % HKV || !amx_permitted()) return -2;
+    if (D % 32 || DV % 16 || BS % 16 || HQ % HKV) return -2;
+#ifdef AMX_TILES
+    const int amx = amx_permitted();
+#else
+    const int amx = 0;
+#endif
     const int G = HQ / HKV;
     const uint16_t *Q = q, *KC = k_cache, *VC = v_cache;
     uint16_t *O = out;
@@ -885,7 +940,9 @@ int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cach
             float *sc = (float *)(buf + (size_t)16 * D * 2);
             uint16_t *pb = (uint16_t *)(sc + (size_t)16 * max_lk);
             float *ob = (float *)(pb + (size_t)16 * max_lk);
-            amx_configure();
+#ifdef AMX_TILES
+            if (amx) amx_configure();
+#endif
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < first[S]; item++) {
                 int s = 0;
@@ -906,15 +963,20 @@ int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cach
                         else memset(qb + i * D, 0, (size_t)D * 2);
                     }
                     /* scores: tile 0 = C, 1 = Q chunk, 2 = Kt chunk */
-                    for (int64_t kb = 0; kb < kblocks; kb++) {
-                        _tile_zero(0);
-                        for (int c = 0; c < NC; c++) {
-                            _tile_loadd(1, qb + c * 32, D * 2);
-                            _tile_loadd(2, kt + (kb * NC + c) * 512, 64);
-                            _tile_dpbf16ps(0, 1, 2);
+#ifdef AMX_TILES
+                    if (amx) {
+                        for (int64_t kb = 0; kb < kblocks; kb++) {
+                            _tile_zero(0);
+                            for (int c = 0; c < NC; c++) {
+                                _tile_loadd(1, qb + c * 32, D * 2);
+                                _tile_loadd(2, kt + (kb * NC + c) * 512, 64);
+                                _tile_dpbf16ps(0, 1, 2);
+                            }
+                            _tile_stored(0, sc + kb * 16, max_lk * 4);
                         }
-                        _tile_stored(0, sc + kb * 16, max_lk * 4);
-                    }
+                    } else
+#endif
+                        pa_scores_avx512(qb, kt, kblocks, D, sc, max_lk);
                     /* softmax per row over keys 0 .. pos0 + i; P zero past them up to the pair block */
                     float inv[16];
                     const float l2 = scale * 1.44269504088896341f; /* exp(scale·x) = 2^(l2·x) */
@@ -933,39 +995,54 @@ int prefill_attention_amx(const void *q, const void *k_cache, const void *v_cach
                         for (t = 0; t + 16 <= m; t += 16) {
                             const __m512 e = exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx));
                             vsum = _mm512_add_ps(vsum, e);
-                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
+                            _mm256_storeu_si256((__m256i *)(prow + t), (__m256i)_mm512_cvtneps_pbh(e));
                         }
                         if (t < m) {
                             const __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << (m - t)) - 1),
                                                                  exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx)));
                             vsum = _mm512_add_ps(vsum, e);
-                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
+                            _mm256_storeu_si256((__m256i *)(prow + t), (__m256i)_mm512_cvtneps_pbh(e));
                             t += 16;
                         }
                         for (; t < pairs * 32; t += 16) _mm256_storeu_si256((__m256i *)(prow + t), _mm256_setzero_si256());
                         const float sum = _mm512_reduce_add_ps(vsum);
                         inv[i] = sum > 0.f ? 1.f / sum : 0.f;
                     }
-                    /* P·V, 64 value columns at a time: tiles 4..7 = C, 0 = P chunk, 1 = V chunk */
+                    /* P·V, 64 value columns at a time: tiles 4..7 = C, 0 = P chunk, 1 = V chunk; without
+                     * AMX four rows at a time */
                     for (int j0 = 0; j0 < NJ; j0 += 4) {
                         const int nj = NJ - j0 < 4 ? NJ - j0 : 4;
-                        for (int j = 0; j < nj; j++) amx_zero(4 + j);
-                        for (int64_t p = 0; p < pairs; p++) {
-                            _tile_loadd(0, pb + p * 32, max_lk * 2);
-                            for (int j = 0; j < nj; j++) amx_dp(4 + j, vv + (p * NJ + j0 + j) * 512);
-                        }
-                        for (int j = 0; j < nj; j++) amx_store(4 + j, ob + 16 * j, 256);
+#ifdef AMX_TILES
+                        if (amx) {
+                            for (int j = 0; j < nj; j++) amx_zero(4 + j);
+                            for (int64_t p = 0; p < pairs; p++) {
+                                _tile_loadd(0, pb + p * 32, max_lk * 2);
+                                for (int j = 0; j < nj; j++) amx_dp(4 + j, vv + (p * NJ + j0 + j) * 512);
+                            }
+                            for (int j = 0; j < nj; j++) amx_store(4 + j, ob + 16 * j, 256);
+                        } else
+#endif
+                            for (int i4 = 0; i4 < rows; i4 += 4) {
+                                switch (nj) {
+                                    case 1: pa_pv_avx512(pb, max_lk, i4, vv, pairs, NJ, j0, 1, ob + i4 * 64); break;
+                                    case 2: pa_pv_avx512(pb, max_lk, i4, vv, pairs, NJ, j0, 2, ob + i4 * 64); break;
+                                    case 3: pa_pv_avx512(pb, max_lk, i4, vv, pairs, NJ, j0, 3, ob + i4 * 64); break;
+                                    default: pa_pv_avx512(pb, max_lk, i4, vv, pairs, NJ, j0, 4, ob + i4 * 64);
+                                }
+                            }
                         for (int64_t i = 0; i < rows; i++) {
                             uint16_t *dst = O + ((q_start[s] + i0 + i) * HQ + hq) * DV + j0 * 16;
                             const __m512 vinv = _mm512_set1_ps(inv[i]);
                             for (int j = 0; j < nj; j++)
-                                _mm256_storeu_si256((__m256i *)(dst + j * 16),
-                                                    bf16x16(_mm512_mul_ps(_mm512_loadu_ps(ob + i * 64 + j * 16), vinv)));
+                                _mm256_storeu_si256((__m256i *)(dst + j * 16), (__m256i)_mm512_cvtneps_pbh(
+                                    _mm512_mul_ps(_mm512_loadu_ps(ob + i * 64 + j * 16), vinv)));
                         }
                     }
                 }
             }
-            _tile_release();
+#ifdef AMX_TILES
+            if (amx) _tile_release();
+#endif
         }
         free(buf);
     }

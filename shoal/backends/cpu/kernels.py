@@ -175,10 +175,12 @@ def _compile() -> ctypes.CDLL | None:
     lib.qgemv_set_prefetch.argtypes = [i32]
     lib.quant_gemm_amx.restype = i32
     lib.quant_gemm_amx.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
+    lib.quant_gemm_vnni.restype = i32
+    lib.quant_gemm_vnni.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.quant_gemm_amx_available.restype = i32
     lib.quant_gemm_amx_available.argtypes = []
-    lib.prefill_attention_amx.restype = i32
-    lib.prefill_attention_amx.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
+    lib.prefill_attention_bf16.restype = i32
+    lib.prefill_attention_bf16.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
     _amx_gemm = bool(lib.quant_gemm_amx_available())
     return lib
 
@@ -231,10 +233,12 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       q_start: torch.Tensor, q_len: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                       out: torch.Tensor) -> bool:
-    """Causal prompt attention on AMX tiles (kernels.c `prefill_attention_amx`): for each sequence s,
+    """Causal prompt attention in bf16 (kernels.c `prefill_attention_bf16`: AMX tiles where the CPU has
+    them, else AVX512-BF16 vdpbf16ps on the same layouts): for each sequence s,
     query rows q_start[s] .. + q_len[s] of q [T, Hq, D] against its seq_lens[s] cached tokens (the
     last q_len[s] of them are the queries' own); writes those rows of out [T, Hq, Dv]. False (out
-    untouched) when it does not apply here: no AMX-BF16, not bf16, or unsupported head sizes."""
+    untouched) when it does not apply here: neither AMX-BF16 nor AVX512-BF16, not bf16, or unsupported
+    head sizes."""
     lib = library()
     if (lib is None or q.dtype != torch.bfloat16 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
             or not (k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous())
@@ -243,9 +247,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q = q.contiguous()
     i64 = [t.to(torch.int64).contiguous() for t in (block_tables, q_start, q_len, seq_lens)]
     _, bs, hkv, dv = v_cache.shape
-    rc = lib.prefill_attention_amx(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *(t.data_ptr() for t in i64),
-                                   out.data_ptr(), len(i64[3]), q.shape[1], hkv, q.shape[2], dv, bs,
-                                   i64[0].shape[1], scale, torch.get_num_threads())
+    rc = lib.prefill_attention_bf16(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *(t.data_ptr() for t in i64),
+                                    out.data_ptr(), len(i64[3]), q.shape[1], hkv, q.shape[2], dv, bs,
+                                    i64[0].shape[1], scale, torch.get_num_threads())
     if rc == -1:
         raise MemoryError("prefill_attention: scratch allocation failed")
     return rc == 0
@@ -416,9 +420,17 @@ PANEL_GEMM_MAX_ROWS = 1536
 
 
 def quant_gemm_supported(n: int, k: int) -> bool:
-    """The AMX-BF16 kernel for int4/int8 weights × bf16 rows is built here as a torch operator, the
-    CPU grants AMX to this process, and an [n, k] weight fits its tiles (n a multiple of 16, k even)."""
-    return library() is not None and _cxx_ops and _amx_gemm and n % 16 == 0 and k % 2 == 0
+    """The batched kernel for int4/int8 weights × bf16 rows (`shoal::quant_gemm`) runs here for an
+    [n, k] weight: built as a torch operator, n a multiple of 16, and either AMX-BF16 granted to this
+    process (qgemv.c quant_gemm_amx, k even) or AVX512-VNNI compiled in (quant_gemm_vnni, int8
+    activations: the CPUs without AMX)."""
+    return (library() is not None and _cxx_ops and n % 16 == 0 and k > 0
+            and (k % 2 == 0 if _amx_gemm else gemv_fast()))
+
+
+def amx_gemm() -> bool:
+    """The batched and prompt matmuls run on AMX tiles here (else quant_gemm_vnni and oneDNN)."""
+    return library() is not None and _amx_gemm
 
 
 def panel_gemm_supported(n: int, k: int) -> bool:
@@ -483,6 +495,37 @@ def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     s [N] fp32, an unused placeholder)."""
     biased = (qweight.to(torch.int16) + 128).to(torch.uint8)
     return _lane_order(biased, 128).contiguous(), scales.float().contiguous(), torch.empty(0, dtype=torch.uint8)
+
+
+# kind flag of the column layout (qgemv.c QG_COLS): kinds 4 | COLS and 8 | COLS
+COLS = 16
+
+
+def to_columns(packed: tuple[torch.Tensor, ...], kind: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """A repack_int4/8 weight ([N, ...] rows in lane order, N % 16 == 0) → the column layout of qgemv.c's
+    quant_gemm_vnni (kind | COLS), the same bytes regrouped by blocks of 16 output rows so that one
+    vector holds the same 4 bytes of each of the 16 rows: int4 codes [N/16, Kp·8] (each 64-byte
+    block of a row, then an odd last pair's 32 bytes, as 16 or 8 dwords × 16 rows), scales and
+    offsets [N/16, Kp/32, 16]; int8 bytes [N/16, Kp·16] (each pair: 16 dwords × 16 rows), scales as
+    they were."""
+    w0, w1, w2 = packed
+    n = w0.shape[0]
+    assert n % 16 == 0 and kind in (4, 8), "the column layout takes 16-row blocks of a repacked weight"
+    rows = w0.view(n // 16, 16, w0.shape[1])
+    if kind == 8:
+        cols = rows.view(n // 16, 16, -1, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, -1).contiguous()
+        return (cols, w1, w2), kind | COLS
+    kp = w1.shape[1] * 32
+    main = kp // 128 * 64  # bytes of full 64-byte blocks per row
+    parts = [rows[:, :, :main].reshape(n // 16, 16, -1, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, -1)]
+    if w0.shape[1] > main:  # an odd last pair: 32 bytes a row
+        parts.append(rows[:, :, main:].reshape(n // 16, 16, 8, 4).permute(0, 2, 1, 3).reshape(n // 16, -1))
+    cols = torch.cat(parts, dim=1).contiguous()
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:
+        return t.view(n // 16, 16, -1).transpose(1, 2).contiguous()
+
+    return (cols, by_group(w1), by_group(w2)), kind | COLS
 
 
 # bf16 decode rows above this many go to the AMX kernel where it runs (ops.cpp kAmxMinRows − 1): the

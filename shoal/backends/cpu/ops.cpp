@@ -17,6 +17,8 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
                    uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads);
+int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs, uint32_t *panels,
                  int64_t N, int K, int nthreads);
 int panel_gemm(const uint16_t *x, int64_t ldx, const uint32_t *panels, const float *oscale, uint16_t *y,
@@ -42,13 +44,19 @@ void check_float(const at::Tensor &t, const char *what) {
     TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, what, " must be bf16 or fp32");
 }
 
-// an [n, k] weight from kernels.repack_int4/8 (kind 4/8)
+// an [n, k] weight from kernels.repack_int4/8 (kind 4/8), or those in kernels.to_columns's layout
+// (kind 4/8 | 16: blocks of 16 output rows)
 void check_packed_weight(const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2, int64_t kind, int64_t n,
                          int64_t k, const char *op) {
-    TORCH_CHECK(kind == 4 || kind == 8, op, ": kind must be 4 or 8");
+    const int64_t bits = kind & 15, cols = kind & 16;
+    TORCH_CHECK((bits == 4 || bits == 8) && (kind & ~31) == 0, op, ": kind must be 4 or 8, optionally | 16");
     TORCH_CHECK(w0.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), op, ": packed weight not contiguous");
     const int64_t kp = (k + 63) / 64 * 64;
-    TORCH_CHECK(w0.size(0) == n && w0.numel() == n * (kind == 4 ? kp / 2 : kp), op, ": packed weight shape");
+    TORCH_CHECK(!cols || n % 16 == 0, op, ": the column layout needs n % 16 == 0");
+    TORCH_CHECK(w0.size(0) == (cols ? n / 16 : n) && w0.numel() == n * (bits == 4 ? kp / 2 : kp), op,
+                ": packed weight shape");
+    TORCH_CHECK(bits == 8 ? w1.numel() == n : w1.numel() == n * (kp / 32) && w2.numel() == n * (kp / 32), op,
+                ": packed weight scales shape");
 }
 
 // x [M, K] with contiguous rows against such a weight (n output rows)
@@ -67,13 +75,19 @@ int call_quant_gemv(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::
                       x.scalar_type() == at::kBFloat16, nthreads);
 }
 
+// The batched kernel: AMX where the CPU has it, else the VNNI one (int8 activations, qgemv.c
+// quant_gemm_vnni); -2 when neither applies
 int call_quant_gemm(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
     const int64_t n = y.size(1);
-    return quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
+    const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
                           w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
                           reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
                           reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(x.size(0)), n,
                           static_cast<int>(x.size(1)), nthreads);
+    if (rc != -2) return rc;
+    return quant_gemm_vnni(static_cast<int>(kind), x.data_ptr(), x.stride(0), w[0].data_ptr(), w[1].data_ptr(),
+                           w[2].data_ptr(), y.data_ptr(), n, static_cast<int>(x.size(0)), n, static_cast<int>(x.size(1)),
+                           x.scalar_type() == at::kBFloat16, nthreads);
 }
 
 // x [M, K] (rows may be strided, elements contiguous); weight tensors from kernels.repack_int4/8

@@ -260,8 +260,13 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
  * apart, y rows `ldy` apart, both bf16 when is_bf16 else fp32. int4: w0 = codes [N, Kp/2],
  * w1 = fp16 scales [N, Kp/32], w2 = fp16 offsets [N, Kp/32]; int8: w0 = bytes [N, Kp], w1 = fp32
  * scales [N], w2 unused. Returns 0, or -1 when scratch memory could not be allocated. */
+int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
+
 int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
+    if (kind & 16) /* the column layout (kernels.to_columns): its own kernel, any number of rows */
+        return quant_gemm_vnni(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads);
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, G = (K + 31) / 32;
     /* scratch for the quantized activations: on the stack for decode sizes, else the heap */
     _Alignas(64) int8_t xq_stack[QG_STACK];
@@ -315,6 +320,187 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
         free(f);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * quant_gemm_vnni: the batched-decode product (many activation rows against an int4 or int8 weight in
+ * the layouts above) for CPUs with AVX512-VNNI but no AMX (AMD Zen 4/5, Intel Ice Lake and Cascade
+ * Lake). The GEMV above re-reads the weight for every QG_MAXR rows and pays a conversion, a multiply
+ * and an FMA per vpdpbusd; here each block of 16 output rows is read once, transposed in registers so
+ * that a vector holds 4 consecutive K positions of 16 outputs (a vpdpbusd lane per output), and run
+ * against every activation row, whose 4 int8 values are one broadcast operand. Products of a group
+ * of 32 accumulate in int32 (8 vpdpbusd) before the group's scales are applied, so the overhead is 4
+ * operations per 8 vpdpbusd, and no horizontal sums are needed: lane j is output column j.
+ * The activations are quantized as in quant_gemv (int8 per group of 32, scale amax / 127, round to
+ * nearest even, exact group sums for int4's offsets): the same numbers, summed in another order.
+ * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build, N % 16).
+ * ------------------------------------------------------------------------------------------------ */
+#if QG_FAST
+#define QV_MR 8 /* activation rows per register block */
+#define QG_COLS 16 /* kind flag: the column layout (kernels.to_columns) */
+
+/* 16 fp32 → bf16, round to nearest even (as f32_to_bf16; NaN not kept quiet without AVX512-BF16) */
+static inline __m256i qv_bf16(__m512 v) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+
+/* one row x[0..K) → xq [Kp] int8 in natural order, dx [Kp/32] scales, xs [Kp/32] exact sums;
+ * returns Σ_g dx_g · Σ xq_g (for int8 weights' +128 offset) */
+static float qv_quantize_row(const void *x, int K, int Kp, int is_bf16, int8_t *xq, float *dx, float *xs) {
+    float offset = 0.f;
+    for (int k0 = 0; k0 < Kp; k0 += 32) {
+        __m512 a[2];
+        for (int h = 0; h < 2; h++) {
+            const int k = k0 + 16 * h, n = K - k < 0 ? 0 : (K - k > 16 ? 16 : K - k);
+            const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+            if (is_bf16)
+                a[h] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + k)), 16));
+            else
+                a[h] = _mm512_maskz_loadu_ps(mk, (const float *)x + k);
+        }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a[0]), _mm512_abs_ps(a[1])));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512 vi = _mm512_set1_ps(inv);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a[0], vi)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a[1], vi));
+        _mm_storeu_si128((__m128i *)(xq + k0), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + k0 + 16), _mm512_cvtepi32_epi8(q1));
+        const int g = k0 / 32;
+        dx[g] = amax / 127.f;
+        xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        offset += dx[g] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    return offset;
+}
+
+/* MR activation rows against the 16 output columns of block nb (a column-layout weight: kinds
+ * QG_COLS | 4, QG_COLS | 8, see kernels.to_columns): y[r][j] for output nb·16 + j.
+ * int4 block nb: for each 64-byte block b of the row layout (pairs 2b, 2b + 1), 16 vectors: vector d
+ * holds dword d of that block for the 16 rows (so the low nibbles are K positions 128b + 32·(d & 1) +
+ * 4·(d >> 1) + 0..3, the high ones the same + 64); an odd last pair: 8 vectors, dword d's low nibbles
+ * at 64p + 4d.., its high ones + 32. Scales and offsets: [Gp][16] fp16 per block.
+ * int8 block nb: for each pair p, 16 vectors of 16 rows × 4 bytes (K positions 64p + 32·(d & 1) +
+ * 4·(d >> 1) + 0..3, stored + 128); the row scales as in the row layout. */
+static inline __attribute__((always_inline)) void qv_rows(int kind, int MR, const uint8_t *wb, const uint16_t *sb,
+                                                          const uint16_t *mb, __m512 osc, const int8_t *xq,
+                                                          const float *dx, const float *xs, const float *off, int K,
+                                                          int Kp, int Gp, void *y, int64_t ldy, int is_bf16,
+                                                          const uint8_t *pf, int pf_per_group) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const int P = Kp / 64, odd = (kind & 15) == 4 && (P & 1);
+    __m512 acc[QV_MR];
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < Gp; g++) {
+        if (32 * g >= K) break; /* padding groups: zero activations, nothing to add */
+        for (int i = 0; i < pf_per_group; i++) qg_prefetch(pf + (int64_t)(g * pf_per_group + i) * 64);
+        const int p = g >> 1, par = g & 1;
+        /* elements 4j..4j + 3 of the group are lane dword 2j + par of pair p: int8 and full int4
+         * blocks hold it in vector 2j + par (int4: the low nibbles for even p, the high for odd); the
+         * int4 tail, in vector (2j + par) mod 8, low nibbles for dwords 0–7, high for 8–15 */
+        const int tail = odd && p == P - 1;
+        const __m512i *w = (const __m512i *)(wb + (int64_t)((kind & 15) == 8 ? p : p >> 1) * 1024);
+        __m512i ia[QV_MR];
+        for (int r = 0; r < MR; r++) ia[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i v = _mm512_load_si512(w + (tail ? (2 * j + par) & 7 : 2 * j + par));
+            if ((kind & 15) == 4)
+                v = _mm512_and_si512((tail ? j >= 4 : p & 1) ? _mm512_srli_epi16(v, 4) : v, low);
+            for (int r = 0; r < MR; r++) {
+                int32_t xv;
+                memcpy(&xv, xq + (size_t)r * Kp + 32 * g + 4 * j, 4);
+                ia[r] = _mm512_dpbusd_epi32(ia[r], v, _mm512_set1_epi32(xv));
+            }
+        }
+        if ((kind & 15) == 4) {
+            const __m512 s = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sb + g * 16)));
+            const __m512 mo = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(mb + g * 16)));
+            for (int r = 0; r < MR; r++) {
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), _mm512_mul_ps(s, _mm512_set1_ps(dx[(size_t)r * Gp + g])), acc[r]);
+                acc[r] = _mm512_fmadd_ps(mo, _mm512_set1_ps(xs[(size_t)r * Gp + g]), acc[r]);
+            }
+        } else {
+            for (int r = 0; r < MR; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), _mm512_set1_ps(dx[(size_t)r * Gp + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        __m512 v = acc[r];
+        if ((kind & 15) == 8) v = _mm512_mul_ps(osc, _mm512_sub_ps(v, _mm512_set1_ps(128.f * off[r])));
+        if (is_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + (size_t)r * ldy), qv_bf16(v));
+        else _mm512_storeu_ps((float *)y + (size_t)r * ldy, v);
+    }
+}
+#endif
+
+int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
+#if !QG_FAST
+    (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    (void)is_bf16, (void)nthreads;
+    return -2;
+#else
+    if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
+    const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
+    const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
+    /* scratch for the quantized activations: on the stack for decode sizes, else the heap */
+    _Alignas(64) int8_t xq_stack[QG_STACK];
+    float f_stack[QG_STACK / 8];
+    const size_t nxq = (size_t)M * Kp, nf = (size_t)M * 2 * Gp + (size_t)M;
+    const int heap = nxq > sizeof(xq_stack) || nf > sizeof(f_stack) / sizeof(float);
+    int8_t *xq = heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
+    float *f = heap ? malloc(sizeof(float) * nf) : f_stack;
+    if (!xq || !f) {
+        if (heap) {
+            free(xq);
+            free(f);
+        }
+        return -1;
+    }
+    float *dx = f, *xs = f + (size_t)M * Gp, *off = f + (size_t)M * 2 * Gp;
+    const int esz = is_bf16 ? 2 : 4;
+    /* the next block's lines, a few per group, prefetched while this one computes (its first row block) */
+    const int pf_per_group = (int)((bbytes / 64 + Gp - 1) / Gp);
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < M; r++)
+            off[r] = qv_quantize_row((const char *)x + (size_t)r * ldx * esz, K, Kp, is_bf16, xq + (size_t)r * Kp,
+                                     dx + (size_t)r * Gp, xs + (size_t)r * Gp);
+        /* contiguous ranges of column blocks, so that a thread's next block is the one after */
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; nb++) {
+            const uint8_t *wb = (const uint8_t *)w0 + nb * bbytes;
+            const uint16_t *sb = (kind & 15) == 4 ? (const uint16_t *)w1 + nb * 16 * Gp : NULL;
+            const uint16_t *mb = (kind & 15) == 4 ? (const uint16_t *)w2 + nb * 16 * Gp : NULL;
+            const __m512 osc = (kind & 15) == 8 ? _mm512_loadu_ps((const float *)w1 + nb * 16) : _mm512_set1_ps(1.f);
+            if (sb) qg_prefetch(sb + 16 * Gp), qg_prefetch(mb + 16 * Gp);
+            for (int m0 = 0; m0 < M; m0 += QV_MR) {
+                const int8_t *xr = xq + (size_t)m0 * Kp;
+                const float *dr = dx + (size_t)m0 * Gp, *sr = xs + (size_t)m0 * Gp;
+                void *yr = (char *)y + ((size_t)m0 * ldy + nb * 16) * esz;
+                const int npf = m0 == 0 && nb + 1 < NB ? pf_per_group : 0;
+#define QV_CASE(R) \
+    case R: qv_rows(kind, R, wb, sb, mb, osc, xr, dr, sr, off + m0, K, Kp, Gp, yr, ldy, is_bf16, wb + bbytes, npf); break;
+                switch (M - m0 < QV_MR ? M - m0 : QV_MR) {
+                    QV_CASE(1) QV_CASE(2) QV_CASE(3) QV_CASE(4) QV_CASE(5) QV_CASE(6) QV_CASE(7) QV_CASE(8)
+                }
+#undef QV_CASE
+            }
+        }
+    }
+    if (heap) {
+        free(xq);
+        free(f);
+    }
+    return 0;
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -432,6 +618,7 @@ static inline __attribute__((always_inline)) void qg_decode_int4_block(const uin
  * through 2 × 2 accumulator tiles (C[m][n] lands in y's layout), rows in chunks of ~1 MB of x so
  * that a chunk stays in L2 while every column block streams past it. Needs K % 32 == 0 and N % 16 == 0.
  * ------------------------------------------------------------------------------------------------ */
+
 #ifdef QG_AMX
 /* 16 × 16 dwords transposed in registers: on return v[j] holds element j of every input row */
 static inline void qg_transpose16(__m512i v[16]) {
