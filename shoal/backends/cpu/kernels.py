@@ -37,6 +37,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / quant_gemm / decode_attention exist
 _amx_gemm = False  # quant_gemm_amx compiled in and AMX granted to this process (asked once, at load)
+_gemv_fast = False  # qgemv.c's VNNI paths compiled in (asked once, at load)
 
 
 def cache_dir() -> Path:
@@ -126,7 +127,7 @@ def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
 
 
 def _compile() -> ctypes.CDLL | None:
-    global _cxx_ops, _amx_gemm
+    global _cxx_ops, _amx_gemm, _gemv_fast
     if os.environ.get("SHOAL_CPU_KERNELS", "1") == "0":
         log.info("shoal CPU kernels disabled (SHOAL_CPU_KERNELS=0): plain-torch ops run instead")
         return None
@@ -182,6 +183,7 @@ def _compile() -> ctypes.CDLL | None:
     lib.prefill_attention_bf16.restype = i32
     lib.prefill_attention_bf16.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
     _amx_gemm = bool(lib.quant_gemm_amx_available())
+    _gemv_fast = bool(lib.qgemv_fast())
     return lib
 
 
@@ -440,9 +442,9 @@ def panel_gemm_supported(n: int, k: int) -> bool:
 
 
 def gemv_fast() -> bool:
-    """The VNNI quantized GEMV was compiled for this CPU (else its scalar reference path only)."""
-    lib = library()
-    return lib is not None and bool(lib.qgemv_fast())
+    """The VNNI quantized GEMV was compiled for this CPU (else its scalar reference path only). Asked
+    of the library once, at load: a compiled graph that calls this traces no ctypes call."""
+    return library() is not None and _gemv_fast
 
 
 _LANE = torch.arange(64)
