@@ -336,7 +336,10 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
  * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build, N % 16).
  * ------------------------------------------------------------------------------------------------ */
 #if QG_FAST
-#define QV_MR 8 /* activation rows per register block */
+/* activation rows per register block: 12 int32 and 12 fp32 accumulators. The default model's 30
+ * layers at 32 / 64 rows on a 2-core AMD EPYC: 8 rows 9.3 / 16.9 ms, 12 rows 9.0 / 16.2, 16 rows
+ * (spills) 10.4 / 19.7 */
+#define QV_MR 12
 #define QG_COLS 16 /* kind flag: the column layout (kernels.to_columns) */
 
 /* 16 fp32 → bf16, round to nearest even (as f32_to_bf16; NaN not kept quiet without AVX512-BF16) */
@@ -489,7 +492,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
 #define QV_CASE(R) \
     case R: qv_rows(kind, R, wb, sb, mb, osc, xr, dr, sr, off + m0, K, Kp, Gp, yr, ldy, is_bf16, wb + bbytes, npf); break;
                 switch (M - m0 < QV_MR ? M - m0 : QV_MR) {
-                    QV_CASE(1) QV_CASE(2) QV_CASE(3) QV_CASE(4) QV_CASE(5) QV_CASE(6) QV_CASE(7) QV_CASE(8)
+                    QV_CASE(1) QV_CASE(2) QV_CASE(3) QV_CASE(4) QV_CASE(5) QV_CASE(6) QV_CASE(7) QV_CASE(8) QV_CASE(9) QV_CASE(10) QV_CASE(11) QV_CASE(12)
                 }
 #undef QV_CASE
             }
