@@ -489,11 +489,16 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
                 const float *dr = dx + (size_t)m0 * Gp, *sr = xs + (size_t)m0 * Gp;
                 void *yr = (char *)y + ((size_t)m0 * ldy + nb * 16) * esz;
                 const int npf = m0 == 0 && nb + 1 < NB ? pf_per_group : 0;
-#define QV_CASE(R) \
-    case R: qv_rows(kind, R, wb, sb, mb, osc, xr, dr, sr, off + m0, K, Kp, Gp, yr, ldy, is_bf16, wb + bbytes, npf); break;
-                switch (M - m0 < QV_MR ? M - m0 : QV_MR) {
-                    QV_CASE(1) QV_CASE(2) QV_CASE(3) QV_CASE(4) QV_CASE(5) QV_CASE(6) QV_CASE(7) QV_CASE(8) QV_CASE(9) QV_CASE(10) QV_CASE(11) QV_CASE(12)
-                }
+                /* literal kinds and row counts: the compiler drops the kind tests and unrolls the rows */
+#define QV_CASE(KIND, R) \
+    case R: qv_rows(KIND, R, wb, sb, mb, osc, xr, dr, sr, off + m0, K, Kp, Gp, yr, ldy, is_bf16, wb + bbytes, npf); break;
+#define QV_CASES(KIND)                                                                                          \
+    switch (M - m0 < QV_MR ? M - m0 : QV_MR) {                                                                  \
+        QV_CASE(KIND, 1) QV_CASE(KIND, 2) QV_CASE(KIND, 3) QV_CASE(KIND, 4) QV_CASE(KIND, 5) QV_CASE(KIND, 6)   \
+        QV_CASE(KIND, 7) QV_CASE(KIND, 8) QV_CASE(KIND, 9) QV_CASE(KIND, 10) QV_CASE(KIND, 11) QV_CASE(KIND, 12) \
+    }
+                if (kind == (QG_COLS | 4)) QV_CASES(QG_COLS | 4) else QV_CASES(QG_COLS | 8)
+#undef QV_CASES
 #undef QV_CASE
             }
         }
