@@ -212,7 +212,8 @@ static inline __m512 sum16(const __m512 *v) {
  * D % 32 == 0 and BS % 16 == 0. */
 static inline __attribute__((always_inline)) void scores_bf16(const uint16_t *q, const uint16_t *k_cache,
                                                               const int64_t *tab, int64_t len, int BS, int HKV, int h,
-                                                              int D, int gn, float scale, float *sc, int64_t ld) {
+                                                              int D, int gn, float scale, float *sc, int64_t ld,
+                                                              pf_cursor *pfc) {
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
         const int64_t base = tab[blk] * BS, nb = len - t0 < BS ? len - t0 : BS;
@@ -223,6 +224,7 @@ static inline __attribute__((always_inline)) void scores_bf16(const uint16_t *q,
             const uint16_t *k0 = k_cache + ((base + j0) * HKV + h) * (int64_t)D;
             for (int g = 0; g < gn; g++) {
                 const uint16_t *qg = q + (int64_t)g * D;
+                pf_advance(pfc, 0);
                 __m512 acc[16];
 #pragma GCC unroll 16
                 for (int j = 0; j < 16; j++) {
@@ -440,7 +442,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
                     if (is_bf16 && D % 32 == 0 && BS % 16 == 0) {
                         scores_bf16((const uint16_t *)q + ((int64_t)b * HQ + h * G + g0) * D, k_cache, tab, len, BS,
-                                    HKV, h, D, gn, scale, sc, len);
+                                    HKV, h, D, gn, scale, sc, len, &pfc);
                     } else
 #endif
                     {
