@@ -46,6 +46,17 @@ def _int8_case(w8: Int8Weight):
     return kernels.repack_int8(w8.qweight, w8.scales), 8, (w8.dequantize(), None)
 
 
+def _through_both_bindings(call):  # noqa: ANN001, ANN202
+    """call() through the C++ operator (where it is built), then through ctypes: each result."""
+    for cxx in ((True, False) if kernels.torch_ops() else (False,)):
+        saved = kernels._cxx_ops
+        kernels._cxx_ops = cxx
+        try:
+            yield call()
+        finally:
+            kernels._cxx_ops = saved
+
+
 def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k + 8, generator=g) * 2
@@ -63,13 +74,7 @@ def test_quant_gemv_matches_its_reference(dtype, kind, m, n, k):
     w4, w8 = _weights(n, k, seed=n + k)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
     x = _x(m, k, dtype, seed=m)
-    for cxx in ((True, False) if kernels.torch_ops() else (False,)):
-        saved = kernels._cxx_ops
-        kernels._cxx_ops = cxx
-        try:
-            got = kernels.quant_gemv(x, packed, kind_, n)
-        finally:
-            kernels._cxx_ops = saved
+    for got in _through_both_bindings(lambda: kernels.quant_gemv(x, packed, kind_, n)):
         ref = kernels.quant_gemv_reference(x, scaled, offs)
         assert got.dtype == dtype and got.shape == (m, n)
         # fp32: summation order only; bf16: one rounding of the output
@@ -221,13 +226,7 @@ def test_vnni_quant_gemm_matches_its_reference(dtype, kind, m, n, k):
     ref = kernels.quant_gemv_reference(x, scaled, offs)
     scale = ref.abs().max().item()
     tol = (dict(atol=1e-5 * scale, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3 * scale, rtol=2**-8))
-    for cxx in ((True, False) if kernels.torch_ops() else (False,)):
-        saved = kernels._cxx_ops
-        kernels._cxx_ops = cxx
-        try:
-            got = kernels.quant_gemv(x, cols, kc, n)
-        finally:
-            kernels._cxx_ops = saved
+    for got in _through_both_bindings(lambda: kernels.quant_gemv(x, cols, kc, n)):
         assert got.dtype == dtype and got.shape == (m, n)
         torch.testing.assert_close(got.float(), ref, **tol)
     if kernels.torch_ops() and dtype == torch.bfloat16:

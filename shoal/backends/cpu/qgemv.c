@@ -260,6 +260,38 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
  * apart, y rows `ldy` apart, both bf16 when is_bf16 else fp32. int4: w0 = codes [N, Kp/2],
  * w1 = fp16 scales [N, Kp/32], w2 = fp16 offsets [N, Kp/32]; int8: w0 = bytes [N, Kp], w1 = fp32
  * scales [N], w2 unused. Returns 0, or -1 when scratch memory could not be allocated. */
+/* scratch for M quantized activation rows (Kp int8 each; group scales, group sums, and a row
+ * offset): in the caller's stack buffers (QG_STACK bytes of int8, QG_STACK / 8 floats) for decode
+ * sizes, else the heap. Returns 0, or -1 when the heap refused. */
+typedef struct {
+    int8_t *xq;
+    float *dx, *xs, *off;
+    int heap;
+} qg_scratch;
+
+static int qg_scratch_get(int M, int Kp, int8_t *xq_stack, float *f_stack, qg_scratch *sc) {
+    const size_t nxq = (size_t)M * Kp, Gp = (size_t)Kp / 32, nf = (size_t)M * 2 * Gp + (size_t)M;
+    sc->heap = nxq > QG_STACK || nf > QG_STACK / 8;
+    sc->xq = sc->heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
+    float *f = sc->heap ? malloc(sizeof(float) * nf) : f_stack;
+    if (!sc->xq || !f) {
+        if (sc->heap) {
+            free(sc->xq);
+            free(f);
+        }
+        return -1;
+    }
+    sc->dx = f, sc->xs = f + (size_t)M * Gp, sc->off = f + (size_t)M * 2 * Gp;
+    return 0;
+}
+
+static void qg_scratch_free(qg_scratch *sc) {
+    if (sc->heap) {
+        free(sc->xq);
+        free(sc->dx);
+    }
+}
+
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 
@@ -268,21 +300,12 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
     if (kind & 16) /* the column layout (kernels.to_columns): its own kernel, any number of rows */
         return quant_gemm_vnni(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads);
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, G = (K + 31) / 32;
-    /* scratch for the quantized activations: on the stack for decode sizes, else the heap */
     _Alignas(64) int8_t xq_stack[QG_STACK];
     float f_stack[QG_STACK / 8];
-    const size_t nxq = (size_t)M * Kp, nf = (size_t)M * 2 * Gp + (size_t)M;
-    const int heap = nxq > sizeof(xq_stack) || nf > sizeof(f_stack) / sizeof(float);
-    int8_t *xq = heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
-    float *f = heap ? malloc(sizeof(float) * nf) : f_stack;
-    if (!xq || !f) {
-        if (heap) {
-            free(xq);
-            free(f);
-        }
-        return -1;
-    }
-    float *dx = f, *xs = f + (size_t)M * Gp, *off = f + (size_t)M * 2 * Gp;
+    qg_scratch sc;
+    if (qg_scratch_get(M, Kp, xq_stack, f_stack, &sc)) return -1;
+    int8_t *xq = sc.xq;
+    float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     for (int r = 0; r < M; r++)
         off[r] = quantize_row((const char *)x + (size_t)r * ldx * (is_bf16 ? 2 : 4), K, Kp, is_bf16,
                               xq + (size_t)r * Kp, dx + (size_t)r * Gp, xs + (size_t)r * Gp);
@@ -315,10 +338,7 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 #endif
         }
     }
-    if (heap) {
-        free(xq);
-        free(f);
-    }
+    qg_scratch_free(&sc);
     return 0;
 }
 
@@ -452,21 +472,12 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
-    /* scratch for the quantized activations: on the stack for decode sizes, else the heap */
     _Alignas(64) int8_t xq_stack[QG_STACK];
     float f_stack[QG_STACK / 8];
-    const size_t nxq = (size_t)M * Kp, nf = (size_t)M * 2 * Gp + (size_t)M;
-    const int heap = nxq > sizeof(xq_stack) || nf > sizeof(f_stack) / sizeof(float);
-    int8_t *xq = heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
-    float *f = heap ? malloc(sizeof(float) * nf) : f_stack;
-    if (!xq || !f) {
-        if (heap) {
-            free(xq);
-            free(f);
-        }
-        return -1;
-    }
-    float *dx = f, *xs = f + (size_t)M * Gp, *off = f + (size_t)M * 2 * Gp;
+    qg_scratch sc;
+    if (qg_scratch_get(M, Kp, xq_stack, f_stack, &sc)) return -1;
+    int8_t *xq = sc.xq;
+    float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     const int esz = is_bf16 ? 2 : 4;
     /* the next block's lines, a few per group, prefetched while this one computes (its first row block) */
     const int pf_per_group = (int)((bbytes / 64 + Gp - 1) / Gp);
@@ -503,10 +514,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
             }
         }
     }
-    if (heap) {
-        free(xq);
-        free(f);
-    }
+    qg_scratch_free(&sc);
     return 0;
 #endif
 }
