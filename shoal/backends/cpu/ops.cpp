@@ -79,11 +79,11 @@ int call_quant_gemv(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::
 // quant_gemm_vnni); -2 when neither applies
 int call_quant_gemm(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::Tensor &y, int nthreads) {
     const int64_t n = y.size(1);
-    const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0),
-                          w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
-                          reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
-                          reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(x.size(0)), n,
-                          static_cast<int>(x.size(1)), nthreads);
+    const int rc = quant_gemm_amx(static_cast<int>(kind), reinterpret_cast<const uint16_t *>(x.data_ptr()),
+                                  x.stride(0), w[0].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t *>(w[1].data_ptr()),
+                                  reinterpret_cast<const uint16_t *>(w[2].data_ptr()),
+                                  reinterpret_cast<uint16_t *>(y.data_ptr()), n, static_cast<int>(x.size(0)), n,
+                                  static_cast<int>(x.size(1)), nthreads);
     if (rc != -2) return rc;
     return quant_gemm_vnni(static_cast<int>(kind), x.data_ptr(), x.stride(0), w[0].data_ptr(), w[1].data_ptr(),
                            w[2].data_ptr(), y.data_ptr(), n, static_cast<int>(x.size(0)), n, static_cast<int>(x.size(1)),

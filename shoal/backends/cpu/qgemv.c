@@ -256,10 +256,6 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
         }
 }
 
-/* y[M, N] = x[M, K] · Wᵀ for a repacked int4 (kind 4) or int8 (kind 8) weight; x rows `ldx` elements
- * apart, y rows `ldy` apart, both bf16 when is_bf16 else fp32. int4: w0 = codes [N, Kp/2],
- * w1 = fp16 scales [N, Kp/32], w2 = fp16 offsets [N, Kp/32]; int8: w0 = bytes [N, Kp], w1 = fp32
- * scales [N], w2 unused. Returns 0, or -1 when scratch memory could not be allocated. */
 /* scratch for M quantized activation rows (Kp int8 each; group scales, group sums, and a row
  * offset): in the caller's stack buffers (QG_STACK bytes of int8, QG_STACK / 8 floats) for decode
  * sizes, else the heap. Returns 0, or -1 when the heap refused. */
@@ -295,6 +291,11 @@ static void qg_scratch_free(qg_scratch *sc) {
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 
+/* y[M, N] = x[M, K] · Wᵀ for a repacked int4 (kind 4) or int8 (kind 8) weight; x rows `ldx` elements
+ * apart, y rows `ldy` apart, both bf16 when is_bf16 else fp32. int4: w0 = codes [N, Kp/2],
+ * w1 = fp16 scales [N, Kp/32], w2 = fp16 offsets [N, Kp/32]; int8: w0 = bytes [N, Kp], w1 = fp32
+ * scales [N], w2 unused; kinds 4 | 16 and 8 | 16 (the column layout) go to quant_gemm_vnni below. Returns
+ * 0, or -1 when scratch memory could not be allocated. */
 int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
     if (kind & 16) /* the column layout (kernels.to_columns): its own kernel, any number of rows */
@@ -407,8 +408,9 @@ static float qv_quantize_row(const void *x, int K, int Kp, int is_bf16, int8_t *
  * QG_COLS | 4, QG_COLS | 8, see kernels.to_columns): y[r][j] for output nb·16 + j.
  * int4 block nb: for each 64-byte block b of the row layout (pairs 2b, 2b + 1), 16 vectors: vector d
  * holds dword d of that block for the 16 rows (so the low nibbles are K positions 128b + 32·(d & 1) +
- * 4·(d >> 1) + 0..3, the high ones the same + 64); an odd last pair: 8 vectors, dword d's low nibbles
- * at 64p + 4d.., its high ones + 32. Scales and offsets: [Gp][16] fp16 per block.
+ * 4·(d >> 1) + 0..3, the high ones the same + 64); an odd last pair p: 8 vectors, vector d's low
+ * nibbles at K positions 64p + 32·(d & 1) + 4·(d >> 1) + 0..3, its high ones the same + 16. Scales and
+ * offsets: [Gp][16] fp16 per block.
  * int8 block nb: for each pair p, 16 vectors of 16 rows × 4 bytes (K positions 64p + 32·(d & 1) +
  * 4·(d >> 1) + 0..3, stored + 128); the row scales as in the row layout. */
 static inline __attribute__((always_inline)) void qv_rows(int kind, int MR, const uint8_t *wb, const uint16_t *sb,
