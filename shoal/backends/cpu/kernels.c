@@ -322,7 +322,7 @@ static inline __attribute__((always_inline)) void weighted_sum_rows(const float 
         const float *pt = p + t0;
         for (int64_t j = 0; j < n; j++) {
             const int64_t row = ((base + j) * HKV + h) * DV;
-            pf_advance(pfc, 0);
+            if ((j & 3) == 0) pf_advance(pfc, 0); /* every 4th row: the cursor's loop costs more than its lines */
             __m512 v[8];
             for (int c = 0; c < NC; c++) v[c] = load16(v_cache, row + c * 16, is_bf16);
             for (int g = 0; g < gn; g++) {
@@ -428,7 +428,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     prefetch_sequence(k_cache, v_cache, tab, len, BS, HKV, D, DV, elem);
                 if ((h == 0 || item == lo) && (b + 1) * HKV < hi) /* the thread's next sequence */
                     pf_start(&pfc, k_cache, v_cache, tables + (int64_t)(b + 1) * W, seq_lens[b + 1], BS, HKV, D, DV,
-                             elem, (int64_t)(HKV - h) * len);
+                             elem, (int64_t)(HKV - h) * (len + 3) / 4);
                 for (int g0 = 0; g0 < G; g0 += GB) {
                     const int gn = G - g0 < GB ? G - g0 : GB;
                     /* a literal head count per case: the compiler unrolls the g loops and keeps the
@@ -441,8 +441,15 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
                     if (is_bf16 && D % 32 == 0 && BS % 16 == 0) {
-                        scores_bf16((const uint16_t *)q + ((int64_t)b * HQ + h * G + g0) * D, k_cache, tab, len, BS,
-                                    HKV, h, D, gn, scale, sc, len, &pfc);
+                        /* literal head sizes for the common cases: the per-key loop unrolls and the
+                         * sixteen accumulators stay in registers (a variable D spilled them) */
+#define SHOAL_SCORES(DD) \
+    scores_bf16((const uint16_t *)q + ((int64_t)b * HQ + h * G + g0) * D, k_cache, tab, len, BS, HKV, h, DD, gn, scale, \
+                sc, len, &pfc)
+                        if (D == 64) SHOAL_SCORES(64);
+                        else if (D == 128) SHOAL_SCORES(128);
+                        else SHOAL_SCORES(D);
+#undef SHOAL_SCORES
                     } else
 #endif
                     {
@@ -464,8 +471,12 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     float inv[GMAX];
                     for (int g = 0; g < gn; g++) inv[g] = softmax_unnormalised(sc + (size_t)g * len, len);
 #ifdef __AVX512F__
-#define SHOAL_CASE(N, NC) \
-    case N: weighted_sum_rows(sc, v_cache, tab, len, BS, HKV, h, NC, N, is_bf16, acc, len, &pfc); break;
+/* literal dtypes too: no per-row test of is_bf16 */
+#define SHOAL_CASE(N, NC)                                                                                   \
+    case N:                                                                                                 \
+        if (is_bf16) weighted_sum_rows(sc, v_cache, tab, len, BS, HKV, h, NC, N, 1, acc, len, &pfc);        \
+        else weighted_sum_rows(sc, v_cache, tab, len, BS, HKV, h, NC, N, 0, acc, len, &pfc);                \
+        break;
                     if (DV == 64 && gn <= 6) {
                         switch (gn) {
                             SHOAL_CASE(1, 4) SHOAL_CASE(2, 4) SHOAL_CASE(3, 4)
