@@ -31,8 +31,6 @@ static void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* round 16 fp32 to bf16 (nearest even) */
-static inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
 /* tile numbers are immediates: these switch over the accumulator tiles 4 + j / 2 + j */
 static inline void amx_zero(int t) {

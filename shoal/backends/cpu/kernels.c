@@ -902,6 +902,7 @@ int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cac
     const int amx = amx_permitted();
 #else
     const int amx = 0;
+    (void)amx;
 #endif
     const int G = HQ / HKV;
     const uint16_t *Q = q, *KC = k_cache, *VC = v_cache;
@@ -969,6 +970,7 @@ int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cac
                 const int64_t kblocks = (seen + 15) / 16, pairs = (seen + 31) / 32;
                 const uint16_t *kt = lay + off[s] + (int64_t)h * lk * (D + DV), *vv = kt + lk * D;
                 const int NC = D / 32, NJ = DV / 16;
+                (void)NC; /* the tile loop's; the AVX512 scores take D */
                 for (int g = 0; g < G; g++) {
                     const int hq = h * G + g;
                     for (int64_t i = 0; i < 16; i++) {
@@ -1008,13 +1010,13 @@ int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cac
                         for (t = 0; t + 16 <= m; t += 16) {
                             const __m512 e = exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx));
                             vsum = _mm512_add_ps(vsum, e);
-                            _mm256_storeu_si256((__m256i *)(prow + t), (__m256i)_mm512_cvtneps_pbh(e));
+                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
                         }
                         if (t < m) {
                             const __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << (m - t)) - 1),
                                                                  exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(row + t), vl2, mx)));
                             vsum = _mm512_add_ps(vsum, e);
-                            _mm256_storeu_si256((__m256i *)(prow + t), (__m256i)_mm512_cvtneps_pbh(e));
+                            _mm256_storeu_si256((__m256i *)(prow + t), bf16x16(e));
                             t += 16;
                         }
                         for (; t < pairs * 32; t += 16) _mm256_storeu_si256((__m256i *)(prow + t), _mm256_setzero_si256());
@@ -1047,8 +1049,8 @@ int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cac
                             uint16_t *dst = O + ((q_start[s] + i0 + i) * HQ + hq) * DV + j0 * 16;
                             const __m512 vinv = _mm512_set1_ps(inv[i]);
                             for (int j = 0; j < nj; j++)
-                                _mm256_storeu_si256((__m256i *)(dst + j * 16), (__m256i)_mm512_cvtneps_pbh(
-                                    _mm512_mul_ps(_mm512_loadu_ps(ob + i * 64 + j * 16), vinv)));
+                                _mm256_storeu_si256((__m256i *)(dst + j * 16),
+                                                    bf16x16(_mm512_mul_ps(_mm512_loadu_ps(ob + i * 64 + j * 16), vinv)));
                         }
                     }
                 }

@@ -257,19 +257,21 @@ static void int8_rows_scalar(const uint8_t *wq, const float *scales, int64_t n0,
 }
 
 /* scratch for M quantized activation rows (Kp int8 each; group scales, group sums, and a row
- * offset): in the caller's stack buffers (QG_STACK bytes of int8, QG_STACK / 8 floats) for decode
- * sizes, else the heap. Returns 0, or -1 when the heap refused. */
+ * offset): in the struct's own arrays (on the caller's stack) for decode sizes, else the heap.
+ * Returns 0, or -1 when the heap refused. */
 typedef struct {
+    _Alignas(64) int8_t xq_stack[QG_STACK];
+    float f_stack[QG_STACK / 8];
     int8_t *xq;
     float *dx, *xs, *off;
     int heap;
 } qg_scratch;
 
-static int qg_scratch_get(int M, int Kp, int8_t *xq_stack, float *f_stack, qg_scratch *sc) {
+static int qg_scratch_get(int M, int Kp, qg_scratch *sc) {
     const size_t nxq = (size_t)M * Kp, Gp = (size_t)Kp / 32, nf = (size_t)M * 2 * Gp + (size_t)M;
     sc->heap = nxq > QG_STACK || nf > QG_STACK / 8;
-    sc->xq = sc->heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : xq_stack;
-    float *f = sc->heap ? malloc(sizeof(float) * nf) : f_stack;
+    sc->xq = sc->heap ? aligned_alloc(64, (nxq + 63) / 64 * 64) : sc->xq_stack;
+    float *f = sc->heap ? malloc(sizeof(float) * nf) : sc->f_stack;
     if (!sc->xq || !f) {
         if (sc->heap) {
             free(sc->xq);
@@ -301,10 +303,8 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
     if (kind & 16) /* the column layout (kernels.to_columns): its own kernel, any number of rows */
         return quant_gemm_vnni(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads);
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, G = (K + 31) / 32;
-    _Alignas(64) int8_t xq_stack[QG_STACK];
-    float f_stack[QG_STACK / 8];
     qg_scratch sc;
-    if (qg_scratch_get(M, Kp, xq_stack, f_stack, &sc)) return -1;
+    if (qg_scratch_get(M, Kp, &sc)) return -1;
     int8_t *xq = sc.xq;
     float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     for (int r = 0; r < M; r++)
@@ -366,7 +366,7 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 /* 16 fp32 → bf16, round to nearest even (as f32_to_bf16; NaN not kept quiet without AVX512-BF16) */
 static inline __m256i qv_bf16(__m512 v) {
 #ifdef __AVX512BF16__
-    return (__m256i)_mm512_cvtneps_pbh(v);
+    return bf16x16(v);
 #else
     const __m512i u = _mm512_castps_si512(v);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
@@ -498,10 +498,8 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
-    _Alignas(64) int8_t xq_stack[QG_STACK];
-    float f_stack[QG_STACK / 8];
     qg_scratch sc;
-    if (qg_scratch_get(M, Kp, xq_stack, f_stack, &sc)) return -1;
+    if (qg_scratch_get(M, Kp, &sc)) return -1;
     int8_t *xq = sc.xq;
     float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     const int esz = is_bf16 ? 2 : 4;

@@ -28,4 +28,10 @@ static inline void st(void *p, int64_t i, float v, int is_bf16) {
     else ((float *)p)[i] = v;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+/* round 16 fp32 to bf16 (nearest even) */
+static inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+#endif
+
 #endif
