@@ -209,13 +209,16 @@ def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", [4, 8])
 @pytest.mark.parametrize("m,n,k", [(1, 960, 576), (3, 64, 64), (8, 48, 96), (9, 16, 32), (32, 3072, 576),
-                                   (33, 576, 1536), (17, 32, 192), (96, 80, 160), (130, 32, 224), (5, 16, 2048)])
+                                   (33, 576, 1536), (17, 32, 192), (96, 80, 160), (130, 32, 224), (5, 16, 2048),
+                                   (200, 48, 576), (61, 96, 1536)])
 def test_vnni_quant_gemm_matches_its_reference(dtype, kind, m, n, k):
     """qgemv.c quant_gemm_vnni on the column layout (kernels.to_columns; the batched and the one-row
     kernel where the CPU has AVX512-VNNI but no AMX): the quantized-activation arithmetic of
     `quant_gemv_reference`, exact up to fp32 summation order. K values cover one pair, an odd last
     pair (int4's 32-byte tail), groups past K, and more activations than the stack scratch; rows
-    cover one row, partial 8-row blocks and more than 96; through the C++ operators and ctypes."""
+    cover one row, partial 8-row blocks, the 6-row × 2-block tiles (from 12 rows: partial tiles, an odd
+    last column block, threads splitting columns or, from 48 rows, rows) and more than 96; through the
+    C++ operators and ctypes."""
     if not kernels.gemv_fast():
         pytest.skip("the VNNI kernel is not built here")
     w4, w8 = _weights(n, k, seed=n + k + m)
@@ -282,7 +285,8 @@ def test_panel_gemm_matches_the_dequantized_weight(kind, m, n, k):
 
 def test_platform_quant_linear_routes_by_rows():
     """bf16 rows: 9–96 through quant_gemm (AMX, else VNNI), 97..PANEL_GEMM_MAX_ROWS with K % 32 == 0
-    through panel_gemm where the AMX kernels run, more rows (or K % 32 != 0) through the dense matmul
+    through panel_gemm where the AMX kernels run, more rows (or K % 32 != 0) through the dense matmul;
+    without AMX, every row count through the VNNI kernel unless SHOAL_CPU_PROMPT_ACTIVATIONS=bf16
     (without VNNI or the C++ operators: all through the dense matmul). All agree with the float64
     reference, int4 and int8 weights."""
     from shoal.backends import cpu
@@ -297,14 +301,15 @@ def test_platform_quant_linear_routes_by_rows():
                 got = cpu.quant_linear(x, w, bias.bfloat16())
                 ref = native.quant_linear(x.double(), w, bias.double())
                 # the VNNI kernel rounds activations to int8 (the GEMV test's 2%); bf16 paths 1%
-                vnni = rows <= kernels.QUANT_GEMM_MAX_ROWS and not kernels.amx_gemm() and kernels.quant_gemm_supported(96, k)
+                vnni = ((rows <= kernels.QUANT_GEMM_MAX_ROWS or cpu.int8_prompts()) and not kernels.amx_gemm()
+                        and kernels.quant_gemm_supported(96, k))
                 assert (got.double() - ref).norm() / ref.norm() < (0.02 if vnni else 0.01)
             if not kernels.quant_gemm_supported(96, k):
                 continue
             _, kind, packed = w.kernel_cache[("cpu", torch.bfloat16)]
             for rows in (32, 65, 96, 97, big, big + 1):  # the same numbers as the operator that should run
                 x = _x(rows, k, torch.bfloat16, seed=3)
-                if rows <= kernels.QUANT_GEMM_MAX_ROWS:
+                if rows <= kernels.QUANT_GEMM_MAX_ROWS or cpu.int8_prompts():
                     want = torch.ops.shoal.quant_gemm(x.contiguous(), *packed, kind, 96)
                 elif rows <= big and kernels.panel_gemm_supported(96, k):
                     panels = torch.ops.shoal.quant_panels(*packed, kind, 96, k)

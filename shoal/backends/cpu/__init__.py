@@ -124,6 +124,17 @@ def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.
     return F.linear(x, _dense(qweight, x.dtype), bias)
 
 
+def int8_prompts() -> bool:
+    """Prompt rows of bf16 models go through quant_gemm_vnni too (int8 activations per group of 32, as
+    decode rows and llama.cpp do) instead of oneDNN's bf16 matmul on a dequantized copy: on CPUs with
+    VNNI but no AMX, where a vpdpbusd does twice the multiply-adds of a vdpbf16ps. Off with
+    SHOAL_CPU_PROMPT_ACTIVATIONS=bf16."""
+    return _int8_prompts and not kernels.amx_gemm() and kernels.gemv_fast()
+
+
+_int8_prompts = os.environ.get("SHOAL_CPU_PROMPT_ACTIVATIONS", "int8").lower() != "bf16"
+
+
 def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
     """Weight-only quantized matmul, by rows of x:
     - up to PACKED_MAX_ROWS (decode): shoal's VNNI GEMV (qgemv.c) where it is built, except bf16 rows
@@ -147,7 +158,7 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
         if panels is not None:
             y = torch.ops.shoal.panel_gemm(x2.contiguous(), panels[0], panels[1], n).reshape(*x.shape[:-1], n)
             return y if bias is None else y + bias
-    if batched and not (rows <= kernels.QUANT_GEMM_MAX_ROWS and x.dtype == torch.bfloat16):
+    if batched and not (x.dtype == torch.bfloat16 and (rows <= kernels.QUANT_GEMM_MAX_ROWS or int8_prompts())):
         return _dense_linear(x, qweight, bias)
     kern = _packed(qweight, x.dtype)
     if kern is None or (batched and not (kern[0] == "gemv" and kernels.quant_gemm_supported(n, k))):

@@ -566,9 +566,10 @@ def quant_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, ...], kind: int, n: 
 
 def quant_gemv_reference(x: torch.Tensor, dequantized_scaled: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
     """The kernel's arithmetic in plain torch (the twin tests compare against): x rounded to int8 per
-    group of 32 (scale amax/127, nearest even), times the weight's scaled part, plus the offsets'
-    part on the exact x. `dequantized_scaled` [N, K] is s·q (int4) or q·s (int8); `offsets` [N, K] is
-    m expanded (int4) or None."""
+    group of 32 (scale amax/127, nearest even), times the weight: its scaled part and its offsets
+    (both on the rounded x, so that the offsets' part cancels the rounding error the scaled part
+    carries, as llama.cpp's Q4_1 × Q8_1 does). `dequantized_scaled` [N, K] is s·q (int4) or q·s
+    (int8); `offsets` [N, K] is m expanded (int4) or None."""
     m, k = x.shape
     kp = -(-k // 32) * 32
     xf = F.pad(x.float(), (0, kp - k)).view(m, kp // 32, 32)
@@ -578,4 +579,4 @@ def quant_gemv_reference(x: torch.Tensor, dequantized_scaled: torch.Tensor, offs
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
     xq = (torch.round(xf * inv) * (amax / 127.0)).view(m, kp)[:, :k]
     y = xq @ dequantized_scaled.float().T
-    return y if offsets is None else y + x.float() @ offsets.float().T
+    return y if offsets is None else y + xq @ offsets.float().T
