@@ -275,29 +275,26 @@ static void *qg_arena_get(size_t bytes) {
 }
 
 /* scratch for M quantized activation rows (Kp int8 each; group scales, group sums, and a row
- * offset) and `extra` more bytes (64-aligned, at sc->extra): in the struct's own arrays (on the
- * caller's stack) for decode sizes, else the thread's arena. Returns 0, or -1 when allocation failed. */
+ * offset): in the struct's own arrays (on the caller's stack) for decode sizes, else the thread's
+ * arena. Returns 0, or -1 when allocation failed. */
 typedef struct {
     _Alignas(64) int8_t xq_stack[QG_STACK];
     float f_stack[QG_STACK / 8];
     int8_t *xq;
     float *dx, *xs, *off;
-    void *extra;
 } qg_scratch;
 
-static int qg_scratch_get(int M, int Kp, size_t extra, qg_scratch *sc) {
+static int qg_scratch_get(int M, int Kp, qg_scratch *sc) {
     const size_t nxq = ((size_t)M * Kp + 63) / 64 * 64, Gp = (size_t)Kp / 32, nf = (size_t)M * 2 * Gp + (size_t)M;
     const size_t nfb = (sizeof(float) * nf + 63) / 64 * 64;
-    if (nxq <= QG_STACK && nf <= QG_STACK / 8 && !extra) {
+    if (nxq <= QG_STACK && nf <= QG_STACK / 8) {
         sc->xq = sc->xq_stack;
         sc->dx = sc->f_stack;
-        sc->extra = NULL;
     } else {
-        char *a = qg_arena_get(nxq + nfb + extra);
+        char *a = qg_arena_get(nxq + nfb);
         if (!a) return -1;
         sc->xq = (int8_t *)a;
         sc->dx = (float *)(a + nxq);
-        sc->extra = a + nxq + nfb;
     }
     sc->xs = sc->dx + (size_t)M * Gp, sc->off = sc->dx + (size_t)M * 2 * Gp;
     return 0;
@@ -317,7 +314,7 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
         return quant_gemm_vnni(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads);
     const int Kp = (K + 63) / 64 * 64, P = Kp / 64, Gp = Kp / 32, G = (K + 31) / 32;
     qg_scratch sc;
-    if (qg_scratch_get(M, Kp, 0, &sc)) return -1;
+    if (qg_scratch_get(M, Kp, &sc)) return -1;
     int8_t *xq = sc.xq;
     float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     for (int r = 0; r < M; r++)
@@ -389,28 +386,44 @@ static inline __m256i qv_bf16(__m512 v) {
 
 /* one row x[0..K) → xq [Kp] int8 in natural order, dx [Kp/32] scales, xs [Kp/32] the quantized
  * group sums dx_g · Σ xq_g (as quantize_row); returns Σ_g xs_g (for int8 weights' +128 offset) */
+/* group x[k0, k0 + 32) (zeros past K) → its 32 int8 values (q, as 8 dwords in natural order); returns
+ * the scale amax / 127 */
+static inline float qv_quantize_group(const void *x, int K, int k0, int is_bf16, int32_t *q) {
+    __m512 a[2];
+    for (int h = 0; h < 2; h++) {
+        const int k = k0 + 16 * h, n = K - k < 0 ? 0 : (K - k > 16 ? 16 : K - k);
+        const __mmask16 mk = (__mmask16)((1u << n) - 1u);
+        if (is_bf16)
+            a[h] = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + k)), 16));
+        else
+            a[h] = _mm512_maskz_loadu_ps(mk, (const float *)x + k);
+    }
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a[0]), _mm512_abs_ps(a[1])));
+    const __m512 vi = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a[0], vi)));
+    const __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a[1], vi)));
+    _mm256_store_si256((__m256i *)q, _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1));
+    return amax / 127.f;
+}
+
+/* Σ of the 32 int8 values of a group */
+static inline int q_sum(const int32_t *q) {
+    const __m256i v = _mm256_load_si256((const __m256i *)q);
+    const __m256i s = _mm256_sad_epu8(_mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)), _mm256_setzero_si256());
+    const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return (int)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1)) - 32 * 128;
+}
+
+/* one row x[0..K) → xq [Kp] int8 in natural order, dx [Kp/32] scales, xs [Kp/32] the quantized
+ * group sums dx_g · Σ xq_g (as quantize_row); returns Σ_g xs_g (for int8 weights' +128 offset) */
 static float qv_quantize_row(const void *x, int K, int Kp, int is_bf16, int8_t *xq, float *dx, float *xs) {
     float offset = 0.f;
-    for (int k0 = 0; k0 < Kp; k0 += 32) {
-        __m512 a[2];
-        for (int h = 0; h < 2; h++) {
-            const int k = k0 + 16 * h, n = K - k < 0 ? 0 : (K - k > 16 ? 16 : K - k);
-            const __mmask16 mk = (__mmask16)((1u << n) - 1u);
-            if (is_bf16)
-                a[h] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + k)), 16));
-            else
-                a[h] = _mm512_maskz_loadu_ps(mk, (const float *)x + k);
-        }
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a[0]), _mm512_abs_ps(a[1])));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        const __m512 vi = _mm512_set1_ps(inv);
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a[0], vi)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a[1], vi));
-        _mm_storeu_si128((__m128i *)(xq + k0), _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(xq + k0 + 16), _mm512_cvtepi32_epi8(q1));
-        const int g = k0 / 32;
-        dx[g] = amax / 127.f;
-        xs[g] = dx[g] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    for (int g = 0; g < Kp / 32; g++) {
+        _Alignas(32) int32_t q[8];
+        dx[g] = qv_quantize_group(x, K, 32 * g, is_bf16, q);
+        memcpy(xq + 32 * g, q, 32);
+        xs[g] = dx[g] * (float)q_sum(q);
         offset += xs[g];
     }
     return offset;
@@ -527,6 +540,19 @@ static inline __attribute__((always_inline)) void qv_rows(int kind, int MR, cons
     "vmovdqa64 " WOFF "+128*" QS(J) "(%[w],%[bb]), %%zmm25\n\t" AND                         \
     QT_R(XOFF, J, 0, 12, 13) QT_R(XOFF, J, 1, 14, 15) QT_R(XOFF, J, 2, 16, 17)              \
     QT_R(XOFF, J, 3, 18, 19) QT_R(XOFF, J, 4, 20, 21) QT_R(XOFF, J, 5, 22, 23)
+/* step j of an odd last pair's group (int4's 32-byte tail): vector (2j + PAR) mod 8, low nibbles for
+ * j < 4, high ones (shifted down) after */
+#define QT_JT(J, PAR, XOFF, SHIFT)                                                          \
+    "vmovdqa64 128*(" QS(J) "&3)+64*" QS(PAR) "(%[w]), %%zmm24\n\t"                        \
+    "vmovdqa64 128*(" QS(J) "&3)+64*" QS(PAR) "(%[w],%[bb]), %%zmm25\n\t" SHIFT QT_LOW      \
+    QT_R(XOFF, J, 0, 12, 13) QT_R(XOFF, J, 1, 14, 15) QT_R(XOFF, J, 2, 16, 17)              \
+    QT_R(XOFF, J, 3, 18, 19) QT_R(XOFF, J, 4, 20, 21) QT_R(XOFF, J, 5, 22, 23)
+#define QT_SHR "vpsrlw $4, %%zmm24, %%zmm24\n\tvpsrlw $4, %%zmm25, %%zmm25\n\t"
+#define QT_TAIL(PAR, XOFF)                                                                  \
+    QT_Z(12, 13) QT_Z(14, 15) QT_Z(16, 17) QT_Z(18, 19) QT_Z(20, 21) QT_Z(22, 23)            \
+    QT_JT(0, PAR, XOFF, "") QT_JT(1, PAR, XOFF, "") QT_JT(2, PAR, XOFF, "") QT_JT(3, PAR, XOFF, "") \
+    QT_JT(4, PAR, XOFF, QT_SHR) QT_JT(5, PAR, XOFF, QT_SHR) QT_JT(6, PAR, XOFF, QT_SHR)      \
+    QT_JT(7, PAR, XOFF, QT_SHR)
 #define QT_LOW "vpandd %%zmm31, %%zmm24, %%zmm24\n\tvpandd %%zmm31, %%zmm25, %%zmm25\n\t"
 #define QT_HIGH "vpandnd %%zmm24, %%zmm31, %%zmm24\n\tvpandnd %%zmm25, %%zmm31, %%zmm25\n\t"
 #define QT_Z(A, B) "vpxord %%zmm" QS(A) ", %%zmm" QS(A) ", %%zmm" QS(A) "\n\tvpxord %%zmm" QS(B) ", %%zmm" QS(B) ", %%zmm" QS(B) "\n\t"
@@ -578,17 +604,17 @@ static inline __attribute__((always_inline)) void qv_rows(int kind, int MR, cons
     "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", \
     "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31"
 
-/* `units` full weight blocks of a 6 × 2 tile into accm [6][2][16] (overwritten); the 2·units·1024
- * bytes from pf are prefetched on the way (the next tile's weight, or this one's again) */
+/* `units` full weight blocks of a 6 × 2 tile, then (tail) an odd last pair, into accm [6][2][16]
+ * (overwritten); the 2·units·1024 bytes from pf are prefetched on the way (the next tile's weight, or
+ * this one's again) */
 static void qt_int4(const uint8_t *w, int64_t bb, const int32_t *xg, const float *dg, const float *sg,
-                    const uint16_t *sb, const uint16_t *mb, int64_t ss, int64_t units, float *accm, const uint8_t *pf) {
+                    const uint16_t *sb, const uint16_t *mb, int64_t ss, int64_t units, int64_t tail, float *accm,
+                    const uint8_t *pf) {
     static const int32_t lowmask = 0x0f0f0f0f;
     static const float sixteenth = 1.f / 16;
-    if (units <= 0) {
-        memset(accm, 0, sizeof(float) * 6 * 2 * 16);
-        return;
-    }
     __asm__ volatile(QT_ACC_ZERO
+                     "test %[n], %[n]\n\t"
+                     "jz 2f\n\t"
                      "1:\n\t"
                      QT_PF8("0") QT_DOTS("0", "0", QT_LOW) QT_E4("0", "0", "")
                      QT_PF8("512") QT_DOTS("64", "192", QT_LOW) QT_E4("32", "24", "")
@@ -603,10 +629,17 @@ static void qt_int4(const uint8_t *w, int64_t bb, const int32_t *xg, const float
                      "add $128, %[mb]\n\t"
                      "dec %[n]\n\t"
                      "jnz 1b\n\t"
+                     "2:\n\t"
+                     "test %[tail], %[tail]\n\t"
+                     "jz 3f\n\t"
+                     QT_TAIL(0, "0") QT_E4("0", "0", "")
+                     QT_TAIL(1, "192") QT_E4("32", "24", "")
+                     "3:\n\t"
                      QT_ACC_STORE
                      : [w] "+r"(w), [xg] "+r"(xg), [dg] "+r"(dg), [sg] "+r"(sg), [sb] "+r"(sb), [mb] "+r"(mb),
                        [n] "+r"(units), [pf] "+r"(pf)
-                     : [bb] "r"(bb), [ss] "r"(ss), [acc] "r"(accm), [lowmask] "m"(lowmask), [sixteenth] "m"(sixteenth)
+                     : [bb] "r"(bb), [ss] "r"(ss), [acc] "r"(accm), [lowmask] "m"(lowmask), [sixteenth] "m"(sixteenth),
+                       [tail] "r"(tail)
                      : QT_CLOBBERS);
 }
 
@@ -648,12 +681,12 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
         _Alignas(64) float accm[6 * 2 * 16];
         const int64_t units = (kind & 15) == 4 ? P / 2 : P;
         if ((kind & 15) == 4)
-            qt_int4(wb, bbytes, xa, da, sa, sb, mb, 2 * sstride, units, accm, pf);
+            qt_int4(wb, bbytes, xa, da, sa, sb, mb, 2 * sstride, units, odd, accm, pf);
         else
             qt_int8(wb, bbytes, xa, da, units, accm, pf);
         for (int r = 0; r < TR; r++)
             for (int v = 0; v < TV; v++) acc[r][v] = _mm512_load_ps(accm + 16 * (2 * r + v));
-        g0 = (int)units * ((kind & 15) == 4 ? 4 : 2);
+        g0 = (int)units * ((kind & 15) == 4 ? 4 : 2) + 2 * odd;
     }
     for (int g = g0; g < Gp; g++) {
         if (32 * g >= K) break;
@@ -724,21 +757,32 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
         }
 }
 
-/* rows [b·TR, b·TR + TR) of the quantized activations (xq [M][Kp], dx / xs [M][Gp]) → block b's
- * arranged copy; rows past M are zeros */
-static void qv_arrange(int TR, int b, int M, int Kp, int Gp, const int8_t *xq, const float *dx, const float *xs,
-                       int32_t *xa, float *da, float *sa) {
+/* rows [b·TR, b·TR + TR) of x → block b's arranged activations (xa: per group, 8 steps × TR rows of
+ * the row's 4 int8 values; da / sa: per group, TR scales / quantized sums) and off [b·TR ...], as
+ * qv_quantize_row rounds them (one pass, no natural-order copy); rows past M are zeros */
+static void qv_quantize_block(int TR, int b, int M, const void *x, int64_t ldx, int K, int Kp, int is_bf16, int32_t *xa,
+                              float *da, float *sa, float *off) {
+    const int Gp = Kp / 32;
     for (int rr = 0; rr < TR; rr++) {
         const int r = b * TR + rr;
-        for (int g = 0; g < Gp; g++) {
-            for (int j = 0; j < 8; j++) {
-                int32_t v = 0;
-                if (r < M) memcpy(&v, xq + (size_t)r * Kp + 32 * g + 4 * j, 4);
-                xa[((size_t)g * 8 + j) * TR + rr] = v;
+        if (r >= M) {
+            for (int g = 0; g < Gp; g++) {
+                for (int j = 0; j < 8; j++) xa[((size_t)g * 8 + j) * TR + rr] = 0;
+                da[g * TR + rr] = sa[g * TR + rr] = 0.f;
             }
-            da[g * TR + rr] = r < M ? dx[(size_t)r * Gp + g] : 0.f;
-            sa[g * TR + rr] = r < M ? xs[(size_t)r * Gp + g] : 0.f;
+            continue;
         }
+        const char *xr = (const char *)x + (size_t)r * ldx * (is_bf16 ? 2 : 4);
+        float offset = 0.f;
+        for (int g = 0; g < Gp; g++) {
+            _Alignas(32) int32_t q[8];
+            const float d = qv_quantize_group(xr, K, 32 * g, is_bf16, q);
+            for (int j = 0; j < 8; j++) xa[((size_t)g * 8 + j) * TR + rr] = q[j];
+            da[g * TR + rr] = d;
+            sa[g * TR + rr] = d * (float)q_sum(q);
+            offset += sa[g * TR + rr];
+        }
+        off[r] = offset;
     }
 }
 
@@ -751,11 +795,12 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32, TR = QV_TR, TV = QV_TV;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
     const int MB = (M + TR - 1) / TR;
-    qg_scratch sc;
-    const size_t xab = ((size_t)MB * TR * Kp + 63) / 64 * 64;
-    if (qg_scratch_get(M, Kp, xab + sizeof(float) * (size_t)MB * TR * Gp * 2, &sc)) return -1;
-    int32_t *xa = sc.extra;
-    float *fa = (float *)((char *)sc.extra + xab);
+    /* the arranged activations, their scales and sums, and the rows' offsets, in the thread's arena */
+    const size_t xab = ((size_t)MB * TR * Kp + 63) / 64 * 64, fab = sizeof(float) * (size_t)MB * TR * Gp * 2;
+    char *arena = qg_arena_get(xab + fab + sizeof(float) * (size_t)MB * TR);
+    if (!arena) return -1;
+    int32_t *xa = (int32_t *)arena;
+    float *fa = (float *)(arena + xab), *off = (float *)(arena + xab + fab);
     const int esz = is_bf16 ? 2 : 4;
     /* rows per cache chunk: about 256 KB of arranged activations */
     int MC = (qv_chunk_bytes / Kp) / TR * TR;
@@ -771,21 +816,14 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
         const int bA = by_rows ? (int)((int64_t)MB * tid / nth) : 0, bB = by_rows ? (int)((int64_t)MB * (tid + 1) / nth) : MB;
         const int64_t tA = by_rows ? 0 : NT * tid / nth, tB = by_rows ? NT : NT * (tid + 1) / nth;
         if (by_rows) {
-            for (int r = bA * TR; r < M && r < bB * TR; r++)
-                sc.off[r] = qv_quantize_row((const char *)x + (size_t)r * ldx * esz, K, Kp, is_bf16, sc.xq + (size_t)r * Kp,
-                                            sc.dx + (size_t)r * Gp, sc.xs + (size_t)r * Gp);
             for (int b = bA; b < bB; b++)
-                qv_arrange(TR, b, M, Kp, Gp, sc.xq, sc.dx, sc.xs, xa + (size_t)b * TR * Kp / 4, fa + (size_t)b * TR * Gp * 2,
-                           fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp);
+                qv_quantize_block(TR, b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
+                                  fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
         } else {
 #pragma omp for schedule(static)
-            for (int r = 0; r < M; r++)
-                sc.off[r] = qv_quantize_row((const char *)x + (size_t)r * ldx * esz, K, Kp, is_bf16, sc.xq + (size_t)r * Kp,
-                                            sc.dx + (size_t)r * Gp, sc.xs + (size_t)r * Gp);
-#pragma omp for schedule(static)
             for (int b = 0; b < MB; b++)
-                qv_arrange(TR, b, M, Kp, Gp, sc.xq, sc.dx, sc.xs, xa + (size_t)b * TR * Kp / 4, fa + (size_t)b * TR * Gp * 2,
-                           fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp);
+                qv_quantize_block(TR, b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
+                                  fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
         }
         for (int c0 = bA; c0 < bB; c0 += MC / TR)
             for (int64_t t = tA; t < tB; t++) {
@@ -802,14 +840,14 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
                     const uint8_t *pf = b == c0 && nb + 2 * TV <= NB ? wb + TV * bbytes : wb;
                     if (nb + TV <= NB) {
                         if (kind == (QG_COLS | 4))
-                            qv_tile(QG_COLS | 4, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, sc.off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                            qv_tile(QG_COLS | 4, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
                         else
-                            qv_tile(QG_COLS | 8, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, sc.off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                            qv_tile(QG_COLS | 8, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
                     } else {
                         if (kind == (QG_COLS | 4))
-                            qv_tile(QG_COLS | 4, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, sc.off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                            qv_tile(QG_COLS | 4, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
                         else
-                            qv_tile(QG_COLS | 8, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, sc.off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                            qv_tile(QG_COLS | 8, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
                     }
                 }
             }
@@ -836,7 +874,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
     qg_scratch sc;
-    if (qg_scratch_get(M, Kp, 0, &sc)) return -1;
+    if (qg_scratch_get(M, Kp, &sc)) return -1;
     int8_t *xq = sc.xq;
     float *dx = sc.dx, *xs = sc.xs, *off = sc.off;
     const int esz = is_bf16 ? 2 : 4;
