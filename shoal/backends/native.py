@@ -207,6 +207,13 @@ def quant_linear(x: torch.Tensor, qweight: Any, bias: torch.Tensor | None) -> to
     return F.linear(x, qweight.dequantize(x.dtype), bias)
 
 
+def quant_linear_silu_mul(x: torch.Tensor, qweight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu_and_mul(quant_linear(x, W, bias)) for a merged gate_up weight (W's first half of outputs the
+    gate projection, its second half the up projection): SwiGLU's first half as one op, so that a
+    platform can apply the activation in its matmul's epilogue (the CPU platform's quant_gemm_glu)."""
+    return silu_and_mul(quant_linear(x, qweight, bias))
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy pick per row of logits [B, V]: the index of the largest value, the first on ties (and
     of the first NaN in a row that has one)."""
@@ -238,7 +245,7 @@ def dense_decoder_layer(layer: Any, x: torch.Tensor, residual: torch.Tensor | No
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
     "rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
-    "linear", "quant_linear", "argmax", "sample", "dense_decoder_layer",
+    "linear", "quant_linear", "quant_linear_silu_mul", "argmax", "sample", "dense_decoder_layer",
 )
 
 NATIVE_OPS = {
@@ -252,6 +259,7 @@ NATIVE_OPS = {
     "moe_experts": moe_experts,
     "linear": linear,
     "quant_linear": quant_linear,
+    "quant_linear_silu_mul": quant_linear_silu_mul,
     "argmax": argmax,
     "sample": sample,
     "dense_decoder_layer": dense_decoder_layer,

@@ -18,6 +18,7 @@ from torch import nn
 
 from shoal.backends import ops
 from shoal.distributed import tp_all_reduce, tp_group
+from shoal.layers.activation import silu_and_mul
 
 
 class LinearBase(nn.Module):
@@ -75,6 +76,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
         _copy(param.data.narrow(0, offset, size), tensor.narrow(0, self.tp.rank * size, size), name)
+
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul of this layer's output, for a gate_up projection (the gate's outputs, then the
+        up's): one op when the weight is quantized (`quant_linear_silu_mul`, which a platform may fuse)."""
+        if self.quant is not None:
+            return ops.quant_linear_silu_mul(x, self.quant, self.bias)
+        return silu_and_mul(self(x))
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -31,7 +31,6 @@ from torch import nn
 from shoal.config import ModelConfig
 from shoal.distributed import tp_all_reduce, tp_group
 from shoal.executor.forward_batch import ForwardBatch
-from shoal.layers.activation import silu_and_mul
 from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from shoal.layers.mla import MLAMode, MultiLatentAttention
@@ -106,7 +105,7 @@ class DeepseekV2MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_mul(x))
 
 
 class DeepseekV2Gate(nn.Module):

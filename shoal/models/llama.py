@@ -16,7 +16,6 @@ from torch import nn
 from shoal.backends import ops
 from shoal.config import ModelConfig
 from shoal.executor.forward_batch import ForwardBatch
-from shoal.layers.activation import silu_and_mul
 from shoal.layers.attention import PagedAttention
 from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -52,7 +51,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.silu_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):

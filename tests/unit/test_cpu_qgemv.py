@@ -238,6 +238,34 @@ def test_vnni_quant_gemm_matches_its_reference(dtype, kind, m, n, k):
         torch.testing.assert_close(torch.ops.shoal.quant_matmul(xc, *cols, kc, n), got, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", [4, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 96), (13, 3072, 576), (100, 96, 224), (7, 32, 1536)])
+def test_vnni_glu_matches_its_reference(kind, m, n, k):
+    """shoal::quant_gemm_glu (quant_gemm_vnni's tiles pairing gate block j with up block j + n/32, the
+    activation in the epilogue): silu(g)·u of the kernel arithmetic's fp32 products, rounded to bf16
+    once; and the platform's quant_linear_silu_mul routes prompt-sized rows to it."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        pytest.skip("the VNNI kernel or its torch operators are not built here")
+    w4, w8 = _weights(n, k, seed=n + k + m)
+    packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
+    cols, kc = kernels.to_columns(packed, kind_)
+    x = _x(m, k, torch.bfloat16, seed=m + 3).contiguous()
+    gu = kernels.quant_gemv_reference(x, scaled, offs)
+    g, u = gu[:, : n // 2], gu[:, n // 2 :]
+    ref = g / (1 + torch.exp(-g)) * u
+    got = torch.ops.shoal.quant_gemm_glu(x, *cols, kc, n)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n // 2)
+    torch.testing.assert_close(got.float(), ref, atol=1e-4 * ref.abs().max().item(), rtol=2**-8)
+    from shoal.backends import cpu
+
+    w = w4 if kind == 4 else w8
+    if cpu.int8_prompts() and m > cpu.PACKED_MAX_ROWS:
+        cpu._packed(w, torch.bfloat16)
+        torch.testing.assert_close(cpu.quant_linear_silu_mul(x, w, None),
+                                   torch.ops.shoal.quant_gemm_glu(x, *w.kernel_cache[("cpu", torch.bfloat16)][2], kc, n),
+                                   atol=0, rtol=0)
+
+
 def test_column_layout_is_the_row_layout_regrouped():
     """to_columns moves bytes, never changes them: int4 codes, scales and offsets, int8 bytes."""
     w4, w8 = _weights(48, 224, seed=31)  # int4: 3 pairs (a 64-byte block and a 32-byte tail)

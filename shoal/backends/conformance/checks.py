@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from shoal.backends.base import Platform
 from shoal.backends.conformance.compare import (
-    QUANT_LINEAR_TOLERANCES, TOLERANCES, CaseResult, dtype_name, judge, scaled_error,
+    QUANT_GLU_TOLERANCES, QUANT_LINEAR_TOLERANCES, TOLERANCES, CaseResult, dtype_name, judge, scaled_error,
 )
 from shoal.backends.native import NATIVE_OPS
 from shoal.executor.forward_batch import AttentionMetadata
@@ -430,6 +430,31 @@ def check_quant_linear(c: OpContext) -> Iterator[tuple[str, Thunk]]:
             yield f"{name} {fmt} T={t}", run
 
 
+def check_quant_linear_silu_mul(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """SwiGLU's first half on a merged gate_up weight (the first half of the outputs the gate, the
+    second the up projection), int8 and int4 weights, rows T = 1, 13 and 80 as for quant_linear; a
+    width whose halves are not multiples of 16 checks a fallback path. In bf16 the activations may be
+    rounded to int8 (QUANT_GLU_TOLERANCES)."""
+    from shoal.layers.quant import Int4Weight, Int8Weight
+
+    cases = [("smollm2 gate_up", 576, 1536, "int4"), ("smollm2 gate_up", 576, 1536, "int8"),
+             ("deepseek-v3-tiny expert", 64, 40, "int4")]
+    for name, fin, inter, fmt in cases:
+        for t in (1, 13, 80):
+            def run(fin: int = fin, inter: int = inter, fmt: str = fmt, t: int = t, name: str = name) -> CaseResult:
+                w = c.randn(2 * inter, fin, scale=fin**-0.5).float()
+                qw = Int8Weight.quantize(w) if fmt == "int8" else Int4Weight.quantize(w)
+                x = c.rounded(c.randn(t, fin))
+                ref = NATIVE_OPS["quant_linear_silu_mul"](x, qw, None)
+                gu = torch.einsum("ti,oi->to", x, qw.dequantize(F64))
+                g, u = gu[:, :inter], gu[:, inter:]
+                oracle = g / (1 + torch.exp(-g)) * u
+                got = c.op("quant_linear_silu_mul")(c.dev(x), qw.to(c.device), None)
+                return c.judge("quant_linear_silu_mul", f"{name} {fmt} [T={t}, {fin}→2x{inter}]", got, ref,
+                               scaled_error(ref, oracle), tol=QUANT_GLU_TOLERANCES.get(c.dname))
+            yield f"{name} {fmt} T={t}", run
+
+
 def _sample_result(c: OpContext, case: str, ok: bool, detail: str) -> CaseResult:
     return CaseResult("sample", case, "float32", c.sources.get("sample", "?"), "pass" if ok else "fail",
                       None, None, detail)
@@ -569,6 +594,7 @@ CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "moe_experts": check_moe_experts,
     "linear": check_linear,
     "quant_linear": check_quant_linear,
+    "quant_linear_silu_mul": check_quant_linear_silu_mul,
     "argmax": check_argmax,
     "sample": check_sample,
     "dense_decoder_layer": check_dense_decoder_layer,

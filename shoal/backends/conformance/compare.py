@@ -25,6 +25,9 @@ TOLERANCES = {
 # group, so the output error runs about twice bf16's. Measured with shoal's CPU kernels over 12 seeds
 # of this suite's cases: up to 0.048; a wrong kernel lands at 0.1 and more.
 QUANT_LINEAR_TOLERANCES = {"bfloat16": 8e-2}
+# quant_linear_silu_mul: silu(gate)·up carries both projections' rounding; measured up to 0.07 over 11
+# seeds (shoal's VNNI kernel with the activation in its epilogue); swapped halves land at 0.5 and more
+QUANT_GLU_TOLERANCES = {"bfloat16": 1.2e-1}
 # the float64 native reference against the independent oracle (same maths, other code)
 ORACLE_TOLERANCE = 1e-9
 

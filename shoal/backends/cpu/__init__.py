@@ -176,6 +176,23 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     return y if bias is None else y + bias
 
 
+def quant_linear_silu_mul(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+    """SwiGLU's first half on a merged gate_up weight: where quant_linear would run quant_gemm_vnni
+    (bf16 rows past the GEMV's, no AMX, the column layout), one pass of its tiles with the activation
+    in the epilogue (`shoal::quant_gemm_glu`: each tile pairs a gate block with its up block; the
+    [rows, 2I] projection is never written); otherwise quant_linear, then silu_and_mul."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows, n = x2.shape[0], qweight.out_features
+    if (bias is None and x.dtype == torch.bfloat16 and rows > PACKED_MAX_ROWS and n % 32 == 0
+            and not kernels.amx_gemm() and kernels.torch_ops()
+            and (rows <= kernels.QUANT_GEMM_MAX_ROWS or int8_prompts())):
+        kern = _packed(qweight, x.dtype)
+        if kern is not None and kern[0] == "gemv" and kern[1] & kernels.COLS:
+            y = torch.ops.shoal.quant_gemm_glu(x2.contiguous(), *kern[2], kern[1], n)
+            return y.reshape(*x.shape[:-1], n // 2)
+    return silu_and_mul(quant_linear(x, qweight, bias))
+
+
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                        scale: float) -> torch.Tensor:
     """Prefill and mixed batches. Requests decoding one token in a mixed batch: all together through
@@ -410,7 +427,8 @@ class CpuPlatform(Platform):
     # RAM is shared with the OS and every other process: a quarter of what is available, ≤ 4 GiB
     kv_cache_fraction = 0.25
     kv_cache_max_bytes = 2 * 2**30  # zero-filling more costs seconds at start-up
-    op_overrides = {"quant_linear": quant_linear, "paged_attention": paged_attention, "rms_norm": rms_norm,
+    op_overrides = {"quant_linear": quant_linear, "quant_linear_silu_mul": quant_linear_silu_mul,
+                    "paged_attention": paged_attention, "rms_norm": rms_norm,
                     "rotary": rotary, "silu_and_mul": silu_and_mul, "store_kv": store_kv, "argmax": argmax,
                     "add_rms_norm": add_rms_norm, "dense_decoder_layer": dense_decoder_layer}
 

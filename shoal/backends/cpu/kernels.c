@@ -30,22 +30,6 @@ static inline __m512 load16(const void *src, int64_t idx, int is_bf16) {
     return _mm512_loadu_ps((const float *)src + idx);
 }
 
-/* e^x for x ≤ 0 (softmax arguments): 2^(x·log2 e) split into integer and fraction, a degree-6
- * polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7), scaled back with vscalefps */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5353362e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6180369e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503406e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
 #endif
 
 /* s[t] = exp(s[t] - max) over s[0..n); returns 1 / Σ s (the normalisation is applied to the output) */

@@ -388,6 +388,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("shoal::quant_gemm_glu")
+    def _(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, kind: int, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n // 2))
+
     @torch.library.register_fake("shoal::panel_gemm")
     def _(x: torch.Tensor, panels: torch.Tensor, oscale: torch.Tensor | None, n: int) -> torch.Tensor:
         return x.new_empty((x.shape[0], n))

@@ -17,6 +17,8 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
                int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
                    uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads);
+int quant_gemm_vnni_glu(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                        int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs, uint32_t *panels,
@@ -116,6 +118,24 @@ at::Tensor quant_gemm_op(const at::Tensor &x, const at::Tensor &w0, const at::Te
     const int rc = call_quant_gemm(x, w, kind, y, at::get_num_threads());
     TORCH_CHECK(rc != -1, "quant_gemm: scratch allocation failed");
     TORCH_CHECK(rc == 0, "quant_gemm: not available for this shape or CPU (check kernels.quant_gemm_supported)");
+    return y;
+}
+
+// silu(x · Wgᵀ) · (x · Wuᵀ) for a merged gate_up weight (n outputs: the gate's n/2, then the up's) in the
+// column layout: y [M, n/2] (qgemv.c quant_gemm_vnni_glu); x bf16, contiguous rows
+at::Tensor quant_gemm_glu_op(const at::Tensor &x, const at::Tensor &w0, const at::Tensor &w1, const at::Tensor &w2,
+                             int64_t kind, int64_t n) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "quant_gemm_glu: x must be a bf16 CPU tensor");
+    check_packed(x, w0, w1, w2, kind, n, "quant_gemm_glu");
+    TORCH_CHECK(n % 32 == 0, "quant_gemm_glu: n must be a multiple of 32");
+    const int64_t m = x.size(0);
+    auto y = at::empty({m, n / 2}, x.options());
+    if (m == 0 || n == 0) return y;
+    const int rc = quant_gemm_vnni_glu(static_cast<int>(kind), x.data_ptr(), x.stride(0), w0.data_ptr(), w1.data_ptr(),
+                                       w2.data_ptr(), y.data_ptr(), n / 2, static_cast<int>(m), n,
+                                       static_cast<int>(x.size(1)), 1, at::get_num_threads());
+    TORCH_CHECK(rc != -1, "quant_gemm_glu: scratch allocation failed");
+    TORCH_CHECK(rc == 0, "quant_gemm_glu: not available for this weight or CPU (a column-layout weight and VNNI)");
     return y;
 }
 
@@ -327,6 +347,7 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
     m.def("quant_matmul(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
     m.def("quant_gemv(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
     m.def("quant_gemm(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
+    m.def("quant_gemm_glu(Tensor x, Tensor w0, Tensor w1, Tensor w2, int kind, int n) -> Tensor");
     m.def("quant_panels(Tensor w0, Tensor w1, Tensor w2, int kind, int n, int k) -> Tensor");
     m.def("panel_gemm(Tensor x, Tensor panels, Tensor? oscale, int n) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
@@ -340,6 +361,7 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
     m.impl("quant_gemv", &quant_gemv_op);
     m.impl("quant_gemm", &quant_gemm_op);
+    m.impl("quant_gemm_glu", &quant_gemm_glu_op);
     m.impl("quant_matmul", &quant_matmul_op);
     m.impl("quant_panels", &quant_panels_op);
     m.impl("panel_gemm", &panel_gemm_op);

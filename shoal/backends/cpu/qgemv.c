@@ -666,11 +666,15 @@ static void qt_int8(const uint8_t *w, int64_t bb, const int32_t *xg, const float
                      : QT_CLOBBERS);
 }
 
-static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int TV, const uint8_t *wb, int64_t bbytes,
-                                                          const uint16_t *sb, const uint16_t *mb, int64_t sstride,
-                                                          const float *osc, const int32_t *xa, const float *da,
-                                                          const float *sa, const float *off, int rows, int K, int Kp,
-                                                          int Gp, void *y, int64_t ldy, int is_bf16, const uint8_t *pf) {
+/* TR rows × TV column blocks: block v's weight at wb + v·vbytes, its scales and offsets at sb / mb +
+ * v·sstride, its int8 row scales at osc + v·ostride. glu (TV = 2: a gate block and its up block):
+ * y gets silu(gate)·up, 16 columns. */
+static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int TV, int glu, const uint8_t *wb,
+                                                          int64_t vbytes, const uint16_t *sb, const uint16_t *mb,
+                                                          int64_t sstride, const float *osc, int64_t ostride,
+                                                          const int32_t *xa, const float *da, const float *sa,
+                                                          const float *off, int rows, int K, int Kp, int Gp, void *y,
+                                                          int64_t ldy, int is_bf16, const uint8_t *pf) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     const int P = Kp / 64, odd = (kind & 15) == 4 && (P & 1);
     __m512 acc[QV_TR][QV_TV];
@@ -681,9 +685,9 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
         _Alignas(64) float accm[6 * 2 * 16];
         const int64_t units = (kind & 15) == 4 ? P / 2 : P;
         if ((kind & 15) == 4)
-            qt_int4(wb, bbytes, xa, da, sa, sb, mb, 2 * sstride, units, odd, accm, pf);
+            qt_int4(wb, vbytes, xa, da, sa, sb, mb, 2 * sstride, units, odd, accm, pf);
         else
-            qt_int8(wb, bbytes, xa, da, units, accm, pf);
+            qt_int8(wb, vbytes, xa, da, units, accm, pf);
         for (int r = 0; r < TR; r++)
             for (int v = 0; v < TV; v++) acc[r][v] = _mm512_load_ps(accm + 16 * (2 * r + v));
         g0 = (int)units * ((kind & 15) == 4 ? 4 : 2) + 2 * odd;
@@ -705,7 +709,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
             for (int j = 0; j < 8; j++) {
                 __m512i wv[QV_TV];
                 for (int v = 0; v < TV; v++) {
-                    wv[v] = _mm512_load_si512((const __m512i *)(w + v * bbytes) + 2 * j + par);
+                    wv[v] = _mm512_load_si512((const __m512i *)(w + v * vbytes) + 2 * j + par);
                     if ((kind & 15) == 4) wv[v] = _mm512_and_si512(wv[v], mask);
                 }
                 for (int r = 0; r < TR; r++) {
@@ -718,7 +722,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
             for (int j = 0; j < 8; j++) {
                 __m512i wv[QV_TV];
                 for (int v = 0; v < TV; v++) {
-                    wv[v] = _mm512_load_si512((const __m512i *)(w + v * bbytes) + ((2 * j + par) & 7));
+                    wv[v] = _mm512_load_si512((const __m512i *)(w + v * vbytes) + ((2 * j + par) & 7));
                     wv[v] = _mm512_and_si512(j >= 4 ? _mm512_srli_epi16(wv[v], 4) : wv[v], low);
                 }
                 for (int r = 0; r < TR; r++) {
@@ -748,13 +752,19 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
             }
         }
     }
-    for (int r = 0; r < TR && r < rows; r++)
+    for (int r = 0; r < TR && r < rows; r++) {
+        __m512 o[QV_TV];
         for (int v = 0; v < TV; v++) {
-            __m512 o = acc[r][v];
-            if ((kind & 15) == 8) o = _mm512_mul_ps(_mm512_loadu_ps(osc + 16 * v), _mm512_sub_ps(o, _mm512_set1_ps(128.f * off[r])));
-            if (is_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + (size_t)r * ldy + 16 * v), qv_bf16(o));
-            else _mm512_storeu_ps((float *)y + (size_t)r * ldy + 16 * v, o);
+            o[v] = acc[r][v];
+            if ((kind & 15) == 8)
+                o[v] = _mm512_mul_ps(_mm512_loadu_ps(osc + v * ostride), _mm512_sub_ps(o[v], _mm512_set1_ps(128.f * off[r])));
         }
+        if (glu) o[0] = silu_mul512(o[0], o[1]);
+        for (int v = 0; v < (glu ? 1 : TV); v++) {
+            if (is_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + (size_t)r * ldy + 16 * v), qv_bf16(o[v]));
+            else _mm512_storeu_ps((float *)y + (size_t)r * ldy + 16 * v, o[v]);
+        }
+    }
 }
 
 /* rows [b·TR, b·TR + TR) of x → block b's arranged activations (xa: per group, 8 steps × TR rows of
@@ -790,8 +800,9 @@ static int qv_chunk_bytes = 256 * 1024;
 static int qv_rowsplit_blocks = 4;
 int qv_set_rowsplit(int b) { int o = qv_rowsplit_blocks; qv_rowsplit_blocks = b; return o; }
 int qv_set_chunk(int b) { int o = qv_chunk_bytes; qv_chunk_bytes = b; return o; }
+/* glu: N = 2I outputs, the first I a gate and the last I its up projection; y [M, I] = silu(gate)·up */
 static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
-                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
+                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads, int glu) {
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32, TR = QV_TR, TV = QV_TV;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
     const int MB = (M + TR - 1) / TR;
@@ -805,7 +816,9 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     /* rows per cache chunk: about 256 KB of arranged activations */
     int MC = (qv_chunk_bytes / Kp) / TR * TR;
     if (MC < TR) MC = TR;
-    const int64_t NT = (NB + TV - 1) / TV;
+    /* tiles: pairs of neighbouring blocks, or (glu) gate block t with up block t + NB/2 */
+    const int64_t NT = glu ? NB / 2 : (NB + TV - 1) / TV, vbytes = glu ? NB / 2 * bbytes : bbytes;
+    const int64_t sstride = glu ? NB / 2 * 16 * Gp : 16 * Gp, ostride = glu ? NB / 2 * 16 : 16;
     /* prompts: each thread quantizes, arranges and multiplies its own row blocks (no barrier, its
      * activations stay in its own cache; every thread reads the whole weight, which is small next to
      * the work); decode batches: threads split the columns, so each streams its part of the weight */
@@ -827,7 +840,7 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
         }
         for (int c0 = bA; c0 < bB; c0 += MC / TR)
             for (int64_t t = tA; t < tB; t++) {
-                const int64_t nb = t * TV;
+                const int64_t nb = glu ? t : t * TV, ycol = glu ? 16 * t : 16 * nb;
                 const uint8_t *wb = (const uint8_t *)w0 + nb * bbytes;
                 const uint16_t *sb = (kind & 15) == 4 ? (const uint16_t *)w1 + nb * 16 * Gp : NULL;
                 const uint16_t *mb = (kind & 15) == 4 ? (const uint16_t *)w2 + nb * 16 * Gp : NULL;
@@ -835,20 +848,23 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
                 for (int b = c0; b < bB && b < c0 + MC / TR; b++) {
                     const int32_t *xb = xa + (size_t)b * TR * Kp / 4;
                     const float *db = fa + (size_t)b * TR * Gp * 2, *sbk = db + (size_t)TR * Gp;
-                    void *yr = (char *)y + ((size_t)b * TR * ldy + nb * 16) * esz;
+                    void *yr = (char *)y + ((size_t)b * TR * ldy + ycol) * esz;
                     const int rows = M - b * TR;
-                    const uint8_t *pf = b == c0 && nb + 2 * TV <= NB ? wb + TV * bbytes : wb;
-                    if (nb + TV <= NB) {
-                        if (kind == (QG_COLS | 4))
-                            qv_tile(QG_COLS | 4, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
-                        else
-                            qv_tile(QG_COLS | 8, TR, TV, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                    /* the next tile's weight (its first block's two), prefetched while the first row block runs */
+                    const uint8_t *pf = b == c0 && t + 1 < tB ? (const uint8_t *)w0 + (glu ? nb + 1 : nb + TV) * bbytes : wb;
+#define QV_TILE(KIND, TV_, GLU) \
+    qv_tile(KIND, TR, TV_, GLU, wb, vbytes, sb, mb, sstride, osc, ostride, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf)
+                    if (glu) {
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 2, 1);
+                        else QV_TILE(QG_COLS | 8, 2, 1);
+                    } else if (nb + TV <= NB) {
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 2, 0);
+                        else QV_TILE(QG_COLS | 8, 2, 0);
                     } else {
-                        if (kind == (QG_COLS | 4))
-                            qv_tile(QG_COLS | 4, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
-                        else
-                            qv_tile(QG_COLS | 8, TR, 1, wb, bbytes, sb, mb, 16 * Gp, osc, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf);
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 1, 0);
+                        else QV_TILE(QG_COLS | 8, 1, 0);
                     }
+#undef QV_TILE
                 }
             }
     }
@@ -870,7 +886,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
     return -2;
 #else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
-    if (M >= qv_min_tiled) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads);
+    if (M >= qv_min_tiled) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
     qg_scratch sc;
@@ -914,6 +930,23 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
         }
     }
     return 0;
+#endif
+}
+
+/* SwiGLU's first half in one pass: y[M, N/2] = silu(x · Wgᵀ) · (x · Wuᵀ) for a column-layout weight whose
+ * first N/2 outputs are the gate projection and the last N/2 the up projection (a merged gate_up
+ * weight); the products exactly as quant_gemm_vnni's tiles, silu and the product in fp32, y rounded
+ * once. Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build,
+ * N % 32). */
+int quant_gemm_vnni_glu(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                        int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
+#if !QG_FAST
+    (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    (void)is_bf16, (void)nthreads;
+    return -2;
+#else
+    if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 32 || K < 1) return -2;
+    return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 1);
 #endif
 }
 
