@@ -317,12 +317,23 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
     auto h2 = at::empty({b, hid}, opts), res2 = at::empty({b, hid}, opts);
     add_rms_norm(o.data_ptr(), hid, res.data_ptr(), hid, post_norm.data_ptr(), h2.data_ptr(), res2.data_ptr(), b,
                  static_cast<int>(hid), feps, 1, wb, nt);
-    auto gu = at::empty({b, 2 * inter}, opts), act = at::empty({b, inter}, opts);
-    packed_matmul(h2, &weights[6], kinds[2], gu, nt);
-    if (b > kSmallRows)
-        silu_and_mul(gu.data_ptr(), 2 * inter, act.data_ptr(), b, static_cast<int>(inter), 1, nt);
-    else  // as the eager step: torch's two ops for a few rows
-        at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
+    auto act = at::empty({b, inter}, opts);
+    // as the platform's quant_linear_silu_mul: past the GEMV's rows, a column-layout weight (no AMX)
+    // takes the VNNI tiles with the activation in their epilogue
+    const int glu = b > kSmallRows && (kinds[2] & 16) && (2 * inter) % 32 == 0
+                        ? quant_gemm_vnni_glu(static_cast<int>(kinds[2]), h2.data_ptr(), hid, weights[6].data_ptr(),
+                                              weights[7].data_ptr(), weights[8].data_ptr(), act.data_ptr(), inter,
+                                              static_cast<int>(b), 2 * inter, static_cast<int>(hid), 1, nt)
+                        : -2;
+    TORCH_CHECK(glu != -1, op, ": scratch allocation failed");
+    if (glu != 0) {
+        auto gu = at::empty({b, 2 * inter}, opts);
+        packed_matmul(h2, &weights[6], kinds[2], gu, nt);
+        if (b > kSmallRows)
+            silu_and_mul(gu.data_ptr(), 2 * inter, act.data_ptr(), b, static_cast<int>(inter), 1, nt);
+        else  // as the eager step: torch's two ops for a few rows
+            at::mul_out(act, at::silu(gu.narrow(1, 0, inter)), gu.narrow(1, inter, inter));
+    }
     auto out = at::empty({b, hid}, opts);
     packed_matmul(act, &weights[9], kinds[3], out, nt);
     return {out, res2};
