@@ -2,7 +2,9 @@
 
 Rows: llama.cpp (llama-cpp-python, its own venv, run as a subprocess of this script) on the default
 model's Q4_1 GGUF; shoal on that file with its default packed weights (int4 layers, int8 LM head,
-bf16 compute); shoal with float32 compute (the GGUF dequantized exactly — the reference row).
+bf16 compute; on CPUs without AMX the prompt's activations are rounded to int8 per group of 32 as
+decode's are); the same with SHOAL_CPU_PROMPT_ACTIVATIONS=bf16 (a subprocess: bf16 prompt
+activations); shoal with float32 compute (the GGUF dequantized exactly — the reference row).
 Perplexity as in tests/engine/test_quant_quality.py: the ids are shoal's tokenizer encode(text)
 (BOS included when the tokenizer adds one), one causal forward pass over the whole text,
 exp(mean cross-entropy of logits[:-1] vs ids[1:]). llama.cpp is given exactly those ids (its own
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,14 +83,22 @@ def run_llamacpp(gguf: str, ids: list[int], text: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llamacpp-child", metavar="GGUF", help=argparse.SUPPRESS)
+    ap.add_argument("--shoal-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.llamacpp_child:
         return llamacpp_child(a.llamacpp_child)
+    if a.shoal_child:  # the bf16 row again, in this process's environment
+        emit({"ppl": shoal_ppl("bfloat16", TEXT.read_text())[0]})
+        return 0
     from shoal.loader import default_model_path
 
     gguf, text = default_model_path(), TEXT.read_text()
     bf16, ids, bos = shoal_ppl("bfloat16", text)
     f32, ids32, _ = shoal_ppl("float32", text)
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--shoal-child"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=600, env={**os.environ, "SHOAL_CPU_PROMPT_ACTIVATIONS": "bf16"})
+    lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+    bf16_act = json.loads(lines[-1][len("RESULT "):])["ppl"] if child.returncode == 0 and lines else None
     assert ids == ids32
     lc = run_llamacpp(gguf, ids, text)
     same = lc.get("own_ids") == ids
@@ -99,6 +110,7 @@ def main() -> int:
     rows = {
         f"llama.cpp (llama-cpp-python {lc.get('version', '?')}), Q4_1 GGUF": lc.get("ppl"),
         "shoal, GGUF blocks packed (int4 layers, int8 LM head), bf16": bf16,
+        "shoal, the same, SHOAL_CPU_PROMPT_ACTIVATIONS=bf16": bf16_act,
         "shoal, GGUF dequantized, float32 (reference)": f32,
     }
     print(f"\nPerplexity on {TEXT.relative_to(ROOT)} ({len(ids)} tokens, BOS {'added' if bos else 'not added'}, "
@@ -110,7 +122,8 @@ def main() -> int:
         print(f"| {name} | {len(ids)} | {cell} |")
     result = {"text": str(TEXT.relative_to(ROOT)), "gguf": gguf, "tokens": len(ids), "bos_added": bos,
               "llamacpp_same_tokenization": same, "threads": THREADS,
-              "perplexity": {"llama.cpp": lc.get("ppl"), "shoal_bf16_packed": bf16, "shoal_float32": f32},
+              "perplexity": {"llama.cpp": lc.get("ppl"), "shoal_bf16_packed": bf16,
+                             "shoal_bf16_packed_bf16_prompt_activations": bf16_act, "shoal_float32": f32},
               "llamacpp_error": lc.get("error"), "rows": rows}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "ppl.json").write_text(json.dumps(result, indent=1))

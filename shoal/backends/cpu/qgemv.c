@@ -666,7 +666,7 @@ static void qt_int8(const uint8_t *w, int64_t bb, const int32_t *xg, const float
                      : QT_CLOBBERS);
 }
 
-/* TR rows × TV column blocks: block v's weight at wb + v·vbytes, its scales and offsets at sb / mb +
+/* TR rows (of a QV_TR-row arranged block) × TV column blocks: block v's weight at wb + v·vbytes, its scales and offsets at sb / mb +
  * v·sstride, its int8 row scales at osc + v·ostride. glu (TV = 2: a gate block and its up block):
  * y gets silu(gate)·up, 16 columns. */
 static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int TV, int glu, const uint8_t *wb,
@@ -696,7 +696,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
         if (32 * g >= K) break;
         const int p = g >> 1, par = g & 1, tail = odd && p == P - 1;
         const uint8_t *w = wb + (int64_t)((kind & 15) == 8 ? p : p >> 1) * 1024;
-        const int32_t *xg = xa + (size_t)g * 8 * TR;
+        const int32_t *xg = xa + (size_t)g * 8 * QV_TR;
         __m512i ia[QV_TR][QV_TV];
         for (int r = 0; r < TR; r++)
             for (int v = 0; v < TV; v++) ia[r][v] = _mm512_setzero_si512();
@@ -713,7 +713,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
                     if ((kind & 15) == 4) wv[v] = _mm512_and_si512(wv[v], mask);
                 }
                 for (int r = 0; r < TR; r++) {
-                    const __m512i b = _mm512_set1_epi32(xg[j * TR + r]);
+                    const __m512i b = _mm512_set1_epi32(xg[j * QV_TR + r]);
                     for (int v = 0; v < TV; v++) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wv[v], b);
                 }
             }
@@ -726,7 +726,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
                     wv[v] = _mm512_and_si512(j >= 4 ? _mm512_srli_epi16(wv[v], 4) : wv[v], low);
                 }
                 for (int r = 0; r < TR; r++) {
-                    const __m512i b = _mm512_set1_epi32(xg[j * TR + r]);
+                    const __m512i b = _mm512_set1_epi32(xg[j * QV_TR + r]);
                     for (int v = 0; v < TV; v++) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wv[v], b);
                 }
             }
@@ -739,7 +739,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
                 m[v] = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(mb + v * sstride + g * 16)));
             }
             for (int r = 0; r < TR; r++) {
-                const __m512 d = _mm512_set1_ps(da[g * TR + r]), xs = _mm512_set1_ps(sa[g * TR + r]);
+                const __m512 d = _mm512_set1_ps(da[g * QV_TR + r]), xs = _mm512_set1_ps(sa[g * QV_TR + r]);
                 for (int v = 0; v < TV; v++) {
                     acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), _mm512_mul_ps(s[v], d), acc[r][v]);
                     acc[r][v] = _mm512_fmadd_ps(m[v], xs, acc[r][v]);
@@ -747,7 +747,7 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
             }
         } else {
             for (int r = 0; r < TR; r++) {
-                const __m512 d = _mm512_set1_ps(da[g * TR + r]);
+                const __m512 d = _mm512_set1_ps(da[g * QV_TR + r]);
                 for (int v = 0; v < TV; v++) acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), d, acc[r][v]);
             }
         }
@@ -852,18 +852,31 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
                     const int rows = M - b * TR;
                     /* the next tile's weight (its first block's two), prefetched while the first row block runs */
                     const uint8_t *pf = b == c0 && t + 1 < tB ? (const uint8_t *)w0 + (glu ? nb + 1 : nb + TV) * bbytes : wb;
-#define QV_TILE(KIND, TV_, GLU) \
-    qv_tile(KIND, TR, TV_, GLU, wb, vbytes, sb, mb, sstride, osc, ostride, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf)
-                    if (glu) {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 2, 1);
-                        else QV_TILE(QG_COLS | 8, 2, 1);
-                    } else if (nb + TV <= NB) {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 2, 0);
-                        else QV_TILE(QG_COLS | 8, 2, 0);
+#define QV_TILE(KIND, TR_, TV_, GLU) \
+    qv_tile(KIND, TR_, TV_, GLU, wb, vbytes, sb, mb, sstride, osc, ostride, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf)
+#define QV_PART(KIND) do { \
+    switch (rows) { \
+    case 1: if (tv == 2) QV_TILE(KIND, 1, 2, glu); else QV_TILE(KIND, 1, 1, 0); break; \
+    case 2: if (tv == 2) QV_TILE(KIND, 2, 2, glu); else QV_TILE(KIND, 2, 1, 0); break; \
+    case 3: if (tv == 2) QV_TILE(KIND, 3, 2, glu); else QV_TILE(KIND, 3, 1, 0); break; \
+    case 4: if (tv == 2) QV_TILE(KIND, 4, 2, glu); else QV_TILE(KIND, 4, 1, 0); break; \
+    default: if (tv == 2) QV_TILE(KIND, 5, 2, glu); else QV_TILE(KIND, 5, 1, 0); break; \
+    } } while (0)
+                    const int tv = glu || nb + TV <= NB ? 2 : 1;
+                    if (rows < TR) { /* a last partial block: its rows only, in C (few registers) */
+                        if (kind == (QG_COLS | 4)) QV_PART(QG_COLS | 4);
+                        else QV_PART(QG_COLS | 8);
+                    } else if (glu) {
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 1);
+                        else QV_TILE(QG_COLS | 8, TR, 2, 1);
+                    } else if (tv == 2) {
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 0);
+                        else QV_TILE(QG_COLS | 8, TR, 2, 0);
                     } else {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, 1, 0);
-                        else QV_TILE(QG_COLS | 8, 1, 0);
+                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 1, 0);
+                        else QV_TILE(QG_COLS | 8, TR, 1, 0);
                     }
+#undef QV_PART
 #undef QV_TILE
                 }
             }
