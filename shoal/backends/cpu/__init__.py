@@ -1,9 +1,10 @@
 """The CPU platform: plain torch with oneDNN underneath; memory from /proc/meminfo.
 
 Every op uses its native form here except `quant_linear` (for bf16 decode rows shoal's VNNI GEMV,
-qgemv.c; else torch's packed int8/int4 CPU kernels, or a dense oneDNN matmul for many rows),
-`paged_attention`, `dense_decoder_layer` (a decode step's Llama-family layer as one C++ call of
-the kernels below) and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
+qgemv.c, and on CPUs without AMX its VNNI tiles for prompt rows too; else torch's packed int8/int4
+CPU kernels, or a dense oneDNN matmul for many rows), `quant_linear_silu_mul` (the tiles with
+SwiGLU in their epilogue), `paged_attention`, `dense_decoder_layer` (a decode step's Llama-family
+layer as one C++ call of the kernels below) and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
 kernels.c, when a C compiler is present); the CPU run of `shoal conformance` checks the native ops
 themselves (against the independent slow references in the suite).
 """
@@ -146,6 +147,9 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     - up to kernels.PANEL_GEMM_MAX_ROWS (prompts), bf16, K % 32 == 0: qgemv.c `panel_gemm` on AMX
       tiles against a bf16 VNNI copy of the weight built on first use (`_panels`; 512-token prefill
       ~1.3x faster in its matmuls than oneDNN);
+    - without AMX, bf16 rows of any count in the column layout (`int8_prompts`): quant_gemm_vnni's
+      tiles (int8 activations; the default model's 30 layers at 2048 rows ~390-420 vs ~470-500 ms for
+      oneDNN's bf16 matmul, and no dense copy of the weight is kept);
     - otherwise a dense matmul on the dequantized weight (oneDNN, prepacked)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -1,5 +1,6 @@
-/* Weight-only quantized matrix × few-rows products for decode (shoal/backends/cpu/kernels.py, the
- * `quant_gemv` ops), built into the same library as kernels.c.
+/* Weight-only quantized matrix products (shoal/backends/cpu/kernels.py, the `quant_gemv` /
+ * `quant_gemm` / `quant_gemm_glu` ops): decode rows everywhere, and prompt rows on CPUs with VNNI but
+ * no AMX; built into the same library as kernels.c.
  *
  * The activations are quantized on the fly to int8 per group of 32 along K (scale = amax / 127,
  * round to nearest even; llama.cpp does the same for its Q8 activations) so the inner loop is
@@ -353,14 +354,15 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
 }
 
 /* ------------------------------------------------------------------------------------------------
- * quant_gemm_vnni: the batched-decode product (many activation rows against an int4 or int8 weight in
- * the layouts above) for CPUs with AVX512-VNNI but no AMX (AMD Zen 4/5, Intel Ice Lake and Cascade
- * Lake). The GEMV above re-reads the weight for every QG_MAXR rows and pays a conversion, a multiply
- * and an FMA per vpdpbusd; here each block of 16 output rows is read once, transposed in registers so
- * that a vector holds 4 consecutive K positions of 16 outputs (a vpdpbusd lane per output), and run
- * against every activation row, whose 4 int8 values are one broadcast operand. Products of a group
- * of 32 accumulate in int32 (8 vpdpbusd) before the group's scales are applied, so the overhead is 4
- * operations per 8 vpdpbusd, and no horizontal sums are needed: lane j is output column j.
+ * quant_gemm_vnni: many activation rows against an int4 or int8 weight in the column layout, for CPUs
+ * with AVX512-VNNI but no AMX (AMD Zen 4/5, Intel Ice Lake and Cascade Lake): batched decode and,
+ * there, prompts too (a vpdpbusd does 64 multiply-adds, a vdpbf16ps 32, at the same rate: two a
+ * cycle on Zen 5). The GEMV above re-reads the weight for every QG_MAXR rows and pays a conversion, a
+ * multiply and an FMA per vpdpbusd; here a vector holds 4 consecutive K positions of 16 outputs (a
+ * vpdpbusd lane per output) and runs against activation rows whose 4 int8 values are one broadcast.
+ * Products of a group of 32 accumulate in int32 (8 vpdpbusd) before the group's scales are applied,
+ * and no horizontal sums are needed: lane j is output column j. Below QV_MIN_TILED rows, qv_rows
+ * (one 16-column block × up to 12 rows); from it, the 6-row × 2-block tiles (qv_tiled, assembly).
  * The activations are quantized as in quant_gemv (int8 per group of 32, scale amax / 127, round to
  * nearest even, quantized group sums for int4's offsets): the same numbers, summed in another order.
  * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build, N % 16).
@@ -796,10 +798,10 @@ static void qv_quantize_block(int TR, int b, int M, const void *x, int64_t ldx, 
     }
 }
 
-static int qv_chunk_bytes = 256 * 1024;
-static int qv_rowsplit_blocks = 4;
-int qv_set_rowsplit(int b) { int o = qv_rowsplit_blocks; qv_rowsplit_blocks = b; return o; }
-int qv_set_chunk(int b) { int o = qv_chunk_bytes; qv_chunk_bytes = b; return o; }
+/* arranged activations per cache chunk (rows a thread runs every tile of the weight over): 64 KB to
+ * 4 MB measured within noise at 512 rows; row blocks per thread from which threads split rows */
+#define QV_CHUNK_BYTES (256 * 1024)
+#define QV_ROWSPLIT_BLOCKS 4
 /* glu: N = 2I outputs, the first I a gate and the last I its up projection; y [M, I] = silu(gate)·up */
 static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads, int glu) {
@@ -814,7 +816,7 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     float *fa = (float *)(arena + xab), *off = (float *)(arena + xab + fab);
     const int esz = is_bf16 ? 2 : 4;
     /* rows per cache chunk: about 256 KB of arranged activations */
-    int MC = (qv_chunk_bytes / Kp) / TR * TR;
+    int MC = (QV_CHUNK_BYTES / Kp) / TR * TR;
     if (MC < TR) MC = TR;
     /* tiles: pairs of neighbouring blocks, or (glu) gate block t with up block t + NB/2 */
     const int64_t NT = glu ? NB / 2 : (NB + TV - 1) / TV, vbytes = glu ? NB / 2 * bbytes : bbytes;
@@ -822,7 +824,7 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     /* prompts: each thread quantizes, arranges and multiplies its own row blocks (no barrier, its
      * activations stay in its own cache; every thread reads the whole weight, which is small next to
      * the work); decode batches: threads split the columns, so each streams its part of the weight */
-    const int by_rows = MB >= qv_rowsplit_blocks * nthreads;
+    const int by_rows = MB >= QV_ROWSPLIT_BLOCKS * nthreads;
 #pragma omp parallel num_threads(nthreads)
     {
         const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -883,12 +885,10 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     }
     return 0;
 }
-static int qv_min_tiled = 12;
-int qv_set_min_tiled(int m) {
-    const int old = qv_min_tiled;
-    qv_min_tiled = m;
-    return old;
-}
+/* rows from which quant_gemm_vnni runs the tiles: 30 layers' linears at 12 rows 3.4 vs 4.1 ms, at 32
+ * rows 6.9 vs 8.3; below, the one-block kernel streams a weight from DRAM better (batch-1 decode
+ * 214 vs 182 tokens/s with the tiles) */
+#define QV_MIN_TILED 12
 #endif
 
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
@@ -899,7 +899,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
     return -2;
 #else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
-    if (M >= qv_min_tiled) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
+    if (M >= QV_MIN_TILED) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
     qg_scratch sc;
