@@ -343,34 +343,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return native.silu_and_mul(x) if out is None else out
 
 
-def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
-                        fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
-    """A decode step's Llama-family layer in one C++ call (ops.cpp `dense_decode_layer`: the eager
-    step's kernels in the eager step's order), or None where it does not apply: not a decode-only
-    bf16 batch of at most kernels.QUANT_GEMM_MAX_ROWS rows, the C++ operators not built, a projection
-    not in qgemv.c's packed layouts (or too wide for the AMX kernel), tensor parallelism, biases
-    other than q/k/v's, partial or interleaved rotary or rotary tables not in fp32 (which the eager
-    step's C kernel does not take either), or a cache that is not contiguous bf16."""
-    meta = fb.attn
-    rows = x.shape[0]
-    if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-            and 0 < rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()):
-        return None
+def _fused_static(layer, kc: torch.Tensor | None, vc: torch.Tensor | None) -> tuple | None:  # noqa: ANN001
+    """The arguments of `dense_decode_layer` that stay the same from step to step (norm weights and
+    eps, the packed weights and their kinds, the shapes, the q/k/v bias, the rotary tables, the
+    caches, the scale) and whether the batched kernels take every projection; None where the fused
+    layer does not apply to this layer at all (see _fused_decode_layer)."""
     attn, mlp = layer.self_attn, layer.mlp
     lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if (attn.o_proj.tp.size > 1 or any(lin.quant is None for lin in lins)
             or any(lin.bias is not None for lin in lins[1:])):
         return None
-    weights, kinds = [], []
+    weights, kinds, batched = [], [], True
     for lin in lins:
         kern = _packed(lin.quant, torch.bfloat16)
-        if kern is None or kern[0] != "gemv" or (
-                rows > PACKED_MAX_ROWS and not kernels.quant_gemm_supported(lin.quant.out_features, lin.quant.in_features)):
+        if kern is None or kern[0] != "gemv":
             return None
+        batched = batched and kernels.quant_gemm_supported(lin.quant.out_features, lin.quant.in_features)
         weights.extend(kern[2])
         kinds.append(kern[1])
     rot, paged = attn.rotary, attn.attn
-    kc, vc = paged.k_cache, paged.v_cache
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if (rot.interleaved or rot.rot_dim != attn.head_dim or rot.cos.dtype != torch.float32 or rot.sin.dtype != torch.float32
             or not (rot.cos.is_contiguous() and rot.sin.is_contiguous()) or kc is None or vc is None
@@ -378,11 +369,42 @@ def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  
             or norms[0].eps != norms[1].eps or norms[0].weight.dtype != norms[1].weight.dtype):
         return None
     bias = attn.qkv_proj.bias
+    args = (norms[0].weight, norms[1].weight, norms[0].eps, weights, kinds,
+            [attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features],
+            None if bias is None else bias.to(torch.bfloat16), rot.cos, rot.sin)
+    return args, kc, vc, paged.scale, batched
+
+
+def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
+                        fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
+    """A decode step's Llama-family layer in one C++ call (ops.cpp `dense_decode_layer`: the eager
+    step's kernels in the eager step's order), or None where it does not apply: not a decode-only
+    bf16 batch of at most kernels.QUANT_GEMM_MAX_ROWS rows, the C++ operators not built, a projection
+    not in qgemv.c's packed layouts (or too wide for the AMX kernel), tensor parallelism, biases
+    other than q/k/v's, partial or interleaved rotary or rotary tables not in fp32 (which the eager
+    step's C kernel does not take either), or a cache that is not contiguous bf16. The arguments
+    that do not change are gathered once per layer and caches (eager batched steps run this per
+    layer and step: ~70 µs of module attribute lookups and checks a call before)."""
+    meta = fb.attn
+    rows = x.shape[0]
+    if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+            and 0 < rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()):
+        return None
+    paged = layer.self_attn.attn
+    kc, vc = paged.k_cache, paged.v_cache
+    if torch.compiler.is_compiling():  # traced once: no state kept on the module inside a graph
+        st = _fused_static(layer, kc, vc)
+    else:
+        hit = layer.__dict__.get("_shoal_fused")
+        if hit is None or hit[0] is not kc or hit[1] is not vc:
+            hit = layer.__dict__["_shoal_fused"] = (kc, vc, _fused_static(layer, kc, vc))
+        st = hit[2]
+    if st is None or (rows > PACKED_MAX_ROWS and not st[4]):
+        return None
+    args, kc, vc, scale, _ = st
     return torch.ops.shoal.dense_decode_layer(
-        x.contiguous(), None if residual is None else residual.contiguous(), norms[0].weight, norms[1].weight,
-        norms[0].eps, weights, kinds, [attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features],
-        None if bias is None else bias.to(x.dtype), rot.cos, rot.sin, fb.positions, kc, vc, meta.slot_mapping,
-        meta.block_tables, meta.seq_lens, paged.scale)
+        x.contiguous(), None if residual is None else residual.contiguous(), *args, fb.positions, kc, vc,
+        meta.slot_mapping, meta.block_tables, meta.seq_lens, scale)
 
 
 def dense_decoder_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
