@@ -891,12 +891,18 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
 #define QV_MIN_TILED 12
 #endif
 
+/* the batched kernels' body where VNNI is not compiled in: "does not apply" */
+#define QG_NOT_BUILT()                                                                                       \
+    do {                                                                                                     \
+        (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N;  \
+        (void)K, (void)is_bf16, (void)nthreads;                                                              \
+        return -2;                                                                                           \
+    } while (0)
+
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
 #if !QG_FAST
-    (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    (void)is_bf16, (void)nthreads;
-    return -2;
+    QG_NOT_BUILT();
 #else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
     if (M >= QV_MIN_TILED) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
@@ -954,9 +960,7 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
 int quant_gemm_vnni_glu(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                         int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
 #if !QG_FAST
-    (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    (void)is_bf16, (void)nthreads;
-    return -2;
+    QG_NOT_BUILT();
 #else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 32 || K < 1) return -2;
     return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 1);
