@@ -68,7 +68,8 @@ PLANTED = {
     # dequantizes through bfloat16 whatever the activation dtype (caught in float32)
     "quant_linear": lambda x, qw, b: torch.nn.functional.linear(x, qw.dequantize(torch.bfloat16).to(x.dtype), b),
     # the halves the other way round: silu of the up projection times the gate
-    "quant_linear_silu_mul": lambda x, qw, b: N["silu_and_mul"](N["quant_linear"](x, qw, b).roll(qw.out_features // 2, -1)),
+    "quant_linear_silu_mul": lambda x, qw, b: N["silu_and_mul"](
+        N["quant_linear"](x, qw, b).roll(qw.out_features // 2, -1)),
 }
 
 

@@ -261,9 +261,9 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
     w = w4 if kind == 4 else w8
     if cpu.int8_prompts() and m > cpu.PACKED_MAX_ROWS:
         cpu._packed(w, torch.bfloat16)
+        packed_w = w.kernel_cache[("cpu", torch.bfloat16)][2]
         torch.testing.assert_close(cpu.quant_linear_silu_mul(x, w, None),
-                                   torch.ops.shoal.quant_gemm_glu(x, *w.kernel_cache[("cpu", torch.bfloat16)][2], kc, n),
-                                   atol=0, rtol=0)
+                                   torch.ops.shoal.quant_gemm_glu(x, *packed_w, kc, n), atol=0, rtol=0)
 
 
 def test_column_layout_is_the_row_layout_regrouped():

@@ -4,9 +4,10 @@ Every op uses its native form here except `quant_linear` (for bf16 decode rows s
 qgemv.c, and on CPUs without AMX its VNNI tiles for prompt rows too; else torch's packed int8/int4
 CPU kernels, or a dense oneDNN matmul for many rows), `quant_linear_silu_mul` (the tiles with
 SwiGLU in their epilogue), `paged_attention`, `dense_decoder_layer` (a decode step's Llama-family
-layer as one C++ call of the kernels below) and, in eager steps, `rms_norm`, `rotary` and `silu_and_mul` (shoal's C kernels,
-kernels.c, when a C compiler is present); the CPU run of `shoal conformance` checks the native ops
-themselves (against the independent slow references in the suite).
+layer as one C++ call of the kernels below) and, in eager steps, `rms_norm`, `rotary` and
+`silu_and_mul` (shoal's C kernels, kernels.c, when a C compiler is present); the CPU run of
+`shoal conformance` checks the native ops themselves (against the independent slow references in
+the suite).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
       tiles against a bf16 VNNI copy of the weight built on first use (`_panels`; 512-token prefill
       ~1.3x faster in its matmuls than oneDNN);
     - without AMX, bf16 rows of any count in the column layout (`int8_prompts`): quant_gemm_vnni's
-      tiles (int8 activations; the default model's 30 layers at 2048 rows ~390-420 vs ~470-500 ms for
+      tiles (int8 activations; the default model's 30 layers at 2048 rows 383-430 vs 454-497 ms for
       oneDNN's bf16 matmul, and no dense copy of the weight is kept);
     - otherwise a dense matmul on the dequantized weight (oneDNN, prepacked)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -384,7 +385,7 @@ def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  
     other than q/k/v's, partial or interleaved rotary or rotary tables not in fp32 (which the eager
     step's C kernel does not take either), or a cache that is not contiguous bf16. The arguments
     that do not change are gathered once per layer and caches (eager batched steps run this per
-    layer and step: ~70 µs of module attribute lookups and checks a call before)."""
+    layer and step: ~70 µs a call of module attribute lookups and checks before, under cProfile)."""
     meta = fb.attn
     rows = x.shape[0]
     if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
