@@ -266,6 +266,21 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
                                    torch.ops.shoal.quant_gemm_glu(x, *packed_w, kc, n), atol=0, rtol=0)
 
 
+def test_bf16_prompt_activations_switch(monkeypatch):
+    """SHOAL_CPU_PROMPT_ACTIVATIONS=bf16 (read at import: cpu._int8_prompts): prompt rows go to the dense
+    bf16 matmul again, and SwiGLU's fused op falls back to quant_linear then silu_and_mul, bit for bit."""
+    from shoal.backends import cpu
+
+    w4, _ = _weights(64, 576, seed=41)
+    x = _x(200, 576, torch.bfloat16, seed=42)
+    monkeypatch.setattr(cpu, "_int8_prompts", False)
+    assert not cpu.int8_prompts()
+    if not kernels.amx_gemm():  # with AMX, prompts take panel_gemm whatever the switch says
+        torch.testing.assert_close(cpu.quant_linear(x, w4, None), cpu._dense_linear(x, w4, None), atol=0, rtol=0)
+    torch.testing.assert_close(cpu.quant_linear_silu_mul(x, w4, None),
+                               cpu.silu_and_mul(cpu.quant_linear(x, w4, None)), atol=0, rtol=0)
+
+
 def test_column_layout_is_the_row_layout_regrouped():
     """to_columns moves bytes, never changes them: int4 codes, scales and offsets, int8 bytes."""
     w4, w8 = _weights(48, 224, seed=31)  # int4: 3 pairs (a 64-byte block and a 32-byte tail)
