@@ -184,9 +184,10 @@ class ModelRunner:
         if slots < 64:
             return
         # prompt-sized prefills where the cache allows: a platform builds the weights' forms for prompt
-        # rows on first use (the CPU: AMX tiles for 65-1,536 rows, ~100 ms; oneDNN's prepacked copies
-        # above, ~0.8 s and ~370 MB with the default model), so a user's first long prompt does not
-        # pay for them and memory after start-up is what serving needs. The larger one is a full
+        # rows on first use (the CPU with AMX: tiles for 65-1,536 rows, ~100 ms; oneDNN's prepacked
+        # copies above, ~0.8 s and ~370 MB with the default model; without AMX, nothing: prompts use the
+        # decode layout), so a user's first long prompt does not pay for them and memory after start-up
+        # is what serving needs. The larger one is a full
         # prompt chunk (at most 2,048 rows, in 128-token prompts: start-up stays short for big models)
         self._logits(self._dummy_batch(1, 96 if slots >= 96 else 32))
         chunk = min(self.cfg.scheduler.max_num_batched_tokens, 2048)

@@ -176,8 +176,6 @@ def _compile() -> ctypes.CDLL | None:
     lib.qgemv_set_prefetch.argtypes = [i32]
     lib.quant_gemm_amx.restype = i32
     lib.quant_gemm_amx.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
-    lib.quant_gemm_vnni.restype = i32
-    lib.quant_gemm_vnni.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
     lib.quant_gemm_amx_available.restype = i32
     lib.quant_gemm_amx_available.argtypes = []
     lib.prefill_attention_bf16.restype = i32
