@@ -268,7 +268,8 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
 
 def test_bf16_prompt_activations_switch(monkeypatch):
     """SHOAL_CPU_PROMPT_ACTIVATIONS=bf16 (read at import: cpu._int8_prompts): prompt rows go to the dense
-    bf16 matmul again, and SwiGLU's fused op falls back to quant_linear then silu_and_mul, bit for bit."""
+    bf16 matmul again, and SwiGLU's fused op falls back to quant_linear then silu_and_mul, bit for bit;
+    a value other than int8 or bf16 is an error that names the variable."""
     from shoal.backends import cpu
 
     w4, _ = _weights(64, 576, seed=41)
@@ -279,6 +280,11 @@ def test_bf16_prompt_activations_switch(monkeypatch):
         torch.testing.assert_close(cpu.quant_linear(x, w4, None), cpu._dense_linear(x, w4, None), atol=0, rtol=0)
     torch.testing.assert_close(cpu.quant_linear_silu_mul(x, w4, None),
                                cpu.silu_and_mul(cpu.quant_linear(x, w4, None)), atol=0, rtol=0)
+    monkeypatch.setenv("SHOAL_CPU_PROMPT_ACTIVATIONS", "BF16 ")
+    assert cpu._prompt_activations_setting() is False
+    monkeypatch.setenv("SHOAL_CPU_PROMPT_ACTIVATIONS", "fp8")
+    with pytest.raises(ValueError, match="SHOAL_CPU_PROMPT_ACTIVATIONS must be int8 or bf16"):
+        cpu._prompt_activations_setting()
 
 
 def test_column_layout_is_the_row_layout_regrouped():

@@ -134,7 +134,14 @@ def int8_prompts() -> bool:
     return _int8_prompts and not kernels.amx_gemm() and kernels.gemv_fast()
 
 
-_int8_prompts = os.environ.get("SHOAL_CPU_PROMPT_ACTIVATIONS", "int8").lower() != "bf16"
+def _prompt_activations_setting() -> bool:
+    value = os.environ.get("SHOAL_CPU_PROMPT_ACTIVATIONS", "int8").strip().lower()
+    if value not in ("int8", "bf16"):
+        raise ValueError(f"SHOAL_CPU_PROMPT_ACTIVATIONS must be int8 or bf16, not {value!r}")
+    return value == "int8"
+
+
+_int8_prompts = _prompt_activations_setting()
 
 
 def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
