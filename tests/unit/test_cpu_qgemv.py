@@ -266,6 +266,32 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
                                    torch.ops.shoal.quant_gemm_glu(x, *packed_w, kc, n), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("m", [40, 300])
+def test_vnni_tiles_are_the_same_on_any_number_of_threads(m):
+    """quant_gemm_vnni's tiles split work by worksplit.h (runs of row blocks for prompts, of column tiles
+    for decode batches; a thread that runs out takes from another's back): which thread computes a
+    tile must not change it. Bit-identical with 1, 2, 3 and 7 threads (7 on 2 cores: uneven)."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        pytest.skip("the VNNI kernel or its torch operators are not built here")
+    n, k = 1024, 320
+    w4, _ = _weights(n, k, seed=m)
+    packed, kind_, _ = _int4_case(w4)
+    cols, kc = kernels.to_columns(packed, kind_)
+    x = _x(m, k, torch.bfloat16, seed=m).contiguous()
+    saved = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3, 7):
+            torch.set_num_threads(nt)
+            outs += [(torch.ops.shoal.quant_gemm(x, *cols, kc, n), torch.ops.shoal.quant_gemm_glu(x, *cols, kc, n))
+                     for _ in range(2)]
+    finally:
+        torch.set_num_threads(saved)
+    for y, glu in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0], atol=0, rtol=0)
+        torch.testing.assert_close(glu, outs[0][1], atol=0, rtol=0)
+
+
 def test_bf16_prompt_activations_switch(monkeypatch):
     """SHOAL_CPU_PROMPT_ACTIVATIONS=bf16 (read at import: cpu._int8_prompts): prompt rows go to the dense
     bf16 matmul again, and SwiGLU's fused op falls back to quant_linear then silu_and_mul, bit for bit;

@@ -20,6 +20,7 @@
 
 #include "amx.h"
 #include "scalar.h"
+#include "worksplit.h"
 
 #ifdef __AVX512F__
 static inline __m512 load16(const void *src, int64_t idx, int is_bf16) {
@@ -376,7 +377,22 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 #ifdef AMX_TILES
     const int amx = is_bf16 && D % 32 == 0 && D <= 128 && BS % 16 == 0 && attn_amx && amx_permitted();
 #endif
-#pragma omp parallel num_threads(nthreads)
+    /* contiguous ranges of items of about equal work (a sequence's length, plus a little per item) */
+    const int nthr = nthreads < WS_MAX_THREADS ? nthreads : WS_MAX_THREADS, items = B * HKV;
+    ws_split ws;
+    ws.nth = nthr;
+    {
+        int64_t total = 0, acc = 0;
+        for (int b = 0; b < B; b++) total += (seq_lens[b] + 8) * HKV;
+        int i = 0;
+        for (int t = 0; t < nthr; t++) {
+            const int start = i;
+            while (i < items && (acc + seq_lens[i / HKV] + 8) * nthr <= total * (t + 1)) acc += seq_lens[i / HKV] + 8, i++;
+            if (t == nthr - 1) i = items;
+            ws_init_range(&ws, t, (uint32_t)start, (uint32_t)i);
+        }
+    }
+#pragma omp parallel num_threads(nthr)
     {
         /* per thread: GB query rows, GB×DV accumulators, GB×max_len scores; with AMX the query tiles
          * (D / 32 KB) and a C tile's staging (1 KB) */
@@ -398,17 +414,17 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
         if (!failed) {
             float *acc = qf + (size_t)GB * D;
             float *sc = acc + (size_t)GB * DV;
-            /* static contiguous ranges (as `omp for schedule(static)`), spelled out so that a thread
-             * knows its first item, which prefetches its sequence even when it is not head 0 */
-            const int items = B * HKV, nth = omp_get_num_threads(), tid = omp_get_thread_num();
-            const int per = (items + nth - 1) / nth, lo = tid * per, hi = lo + per < items ? lo + per : items;
+            /* the items (sequence, KV head) of the thread's own range in order, then what is left
+             * of the others' (worksplit.h); own_end: where its own range ends */
+            const int tid = omp_get_thread_num();
+            const int own_end = (int)ws.r[tid].end;
             const int elem = is_bf16 ? 2 : 4;
             pf_cursor pfc = {0};
-            for (int item = lo; item < hi; item++) {
+            for (int item, prev = -2; (item = (int)ws_next(&ws, tid)) >= 0; prev = item) {
                 const int b = item / HKV, h = item % HKV;
                 const int64_t len = seq_lens[b];
                 const int64_t *tab = tables + (int64_t)b * W;
-                if (item == lo) /* the thread's first sequence: nothing prefetched it */
+                if (item != prev + 1) /* a first or taken sequence: nothing prefetched it */
                     prefetch_sequence(k_cache, v_cache, tab, len, BS, HKV, D, DV, elem);
                 /* the thread's next sequence, its lines spread over 1.6× the cursor calls this one makes
                  * (~(HKV − h)·len/4), so ~60% of them are prefetched before it starts and the rest
@@ -417,7 +433,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                  * 32 sequences (their lengths), from DRAM, alternating in one process: 5.27–5.28 ms
                  * with all, 4.64 with ~60%, 4.68 with half; 32 × 160 tokens: 4.53, 3.72, 3.97; the
                  * `ci` decode step ~1 ms faster (half against all) */
-                if ((h == 0 || item == lo) && (b + 1) * HKV < hi)
+                if ((h == 0 || item != prev + 1) && (b + 1) * HKV < own_end && item < own_end)
                     pf_start(&pfc, k_cache, v_cache, tables + (int64_t)(b + 1) * W, seq_lens[b + 1], BS, HKV, D, DV,
                              elem, (int64_t)(HKV - h) * (len + 3) * 2 / 5);
                 for (int g0 = 0; g0 < G; g0 += GB) {

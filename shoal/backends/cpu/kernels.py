@@ -30,7 +30,7 @@ log = logging.getLogger("shoal")
 
 _DIR = Path(__file__).parent
 _C_SOURCES = ("kernels.c", "qgemv.c")
-_C_HEADERS = ("scalar.h", "amx.h")
+_C_HEADERS = ("scalar.h", "amx.h", "worksplit.h")
 _CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's headers)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -35,6 +35,7 @@
 #endif
 
 #include "scalar.h"
+#include "worksplit.h"
 
 #define QG_MAXR 4   /* activation rows per pass over the weights */
 #define QG_CHUNK 64 /* output rows per work item */
@@ -894,41 +895,52 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     /* bytes of the next tile's weight one full-tile call prefetches (512 per unit): the row blocks of
      * a chunk take the next tile in turns, so its lines arrive spread over this tile's work */
     const int64_t pfcall = 512 * (int64_t)((kind & 15) == 4 ? Kp / 128 : Kp / 64);
-#pragma omp parallel num_threads(nthreads)
+    /* work items (worksplit.h: each thread its own run of them first, then the others' leftovers):
+     * prompts, runs of CB row blocks (quantized by the thread that takes them, then multiplied by the
+     * whole weight); decode batches, runs of TC tiles (all rows) after the rows are quantized */
+    const int nthr = nthreads < WS_MAX_THREADS ? nthreads : WS_MAX_THREADS;
+    int CB = MB / (8 * nthr);
+    CB = CB < QV_ROWSPLIT_BLOCKS ? QV_ROWSPLIT_BLOCKS : CB > MC / TR ? MC / TR : CB;
+    const int64_t TC = NT / (8 * nthr) > 1 ? NT / (8 * nthr) : 1;
+    const int64_t nitems = by_rows ? (MB + CB - 1) / CB : (NT + TC - 1) / TC;
+    ws_split ws;
+    ws_init(&ws, nitems, nthr);
+#pragma omp parallel num_threads(nthr)
     {
-        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int bA = by_rows ? (int)((int64_t)MB * tid / nth) : 0, bB = by_rows ? (int)((int64_t)MB * (tid + 1) / nth) : MB;
-        const int64_t tA = by_rows ? 0 : NT * tid / nth, tB = by_rows ? NT : NT * (tid + 1) / nth;
-        if (by_rows) {
-            for (int b = bA; b < bB; b++)
-                qv_quantize_block(b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
-                                  fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
-        } else {
+        const int tid = omp_get_thread_num();
+        if (!by_rows) {
 #pragma omp for schedule(static)
             for (int b = 0; b < MB; b++)
                 qv_quantize_block(b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
                                   fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
         }
-        for (int c0 = bA; c0 < bB; c0 += MC / TR)
-            for (int64_t t = tA; t < tB; t++) {
-                const int64_t nb = glu ? t : t * TV, ycol = glu ? 16 * t : 16 * nb;
-                const uint8_t *wb = (const uint8_t *)w0 + nb * bbytes;
-                const uint16_t *sb = (kind & 15) == 4 ? (const uint16_t *)w1 + nb * 16 * Gp : NULL;
-                const uint16_t *mb = (kind & 15) == 4 ? (const uint16_t *)w2 + nb * 16 * Gp : NULL;
-                const float *osc = (kind & 15) == 8 ? (const float *)w1 + nb * 16 : NULL;
-                for (int b = c0; b < bB && b < c0 + MC / TR; b++) {
-                    const int32_t *xb = xa + (size_t)b * TR * Kp / 4;
-                    const float *db = fa + (size_t)b * TR * Gp * 2, *sbk = db + (size_t)TR * Gp;
-                    void *yr = (char *)y + ((size_t)b * TR * ldy + ycol) * esz;
-                    const int rows = M - b * TR;
-                    /* the next tile's weight: row block c0 + i prefetches its bytes [i·pfcall, (i + 1)·pfcall) */
-                    const uint8_t *pf = wb;
-                    if (t + 1 < tB) {
-                        const int64_t at = (int64_t)(b - c0) * pfcall;
-                        if (at < TV * bbytes)
-                            pf = (const uint8_t *)w0 + (glu ? (nb + 1 + (at >= bbytes ? NB / 2 : 0)) * bbytes + at % bbytes
-                                                            : (nb + TV) * bbytes + at);
-                    }
+        for (int64_t it; (it = ws_next(&ws, tid)) >= 0;) {
+            const int bA = by_rows ? (int)(it * CB) : 0, bB = by_rows ? (bA + CB < MB ? bA + CB : MB) : MB;
+            const int64_t tA = by_rows ? 0 : it * TC, tB = by_rows ? NT : (tA + TC < NT ? tA + TC : NT);
+            if (by_rows)
+                for (int b = bA; b < bB; b++)
+                    qv_quantize_block(b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
+                                      fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
+            for (int c0 = bA; c0 < bB; c0 += MC / TR)
+                for (int64_t t = tA; t < tB; t++) {
+                    const int64_t nb = glu ? t : t * TV, ycol = glu ? 16 * t : 16 * nb;
+                    const uint8_t *wb = (const uint8_t *)w0 + nb * bbytes;
+                    const uint16_t *sb = (kind & 15) == 4 ? (const uint16_t *)w1 + nb * 16 * Gp : NULL;
+                    const uint16_t *mb = (kind & 15) == 4 ? (const uint16_t *)w2 + nb * 16 * Gp : NULL;
+                    const float *osc = (kind & 15) == 8 ? (const float *)w1 + nb * 16 : NULL;
+                    for (int b = c0; b < bB && b < c0 + MC / TR; b++) {
+                        const int32_t *xb = xa + (size_t)b * TR * Kp / 4;
+                        const float *db = fa + (size_t)b * TR * Gp * 2, *sbk = db + (size_t)TR * Gp;
+                        void *yr = (char *)y + ((size_t)b * TR * ldy + ycol) * esz;
+                        const int rows = M - b * TR;
+                        /* the next tile's weight: row block c0 + i prefetches its bytes [i·pfcall, (i + 1)·pfcall) */
+                        const uint8_t *pf = wb;
+                        if (t + 1 < NT) {
+                            const int64_t at = (int64_t)(b - c0) * pfcall;
+                            if (at < TV * bbytes)
+                                pf = (const uint8_t *)w0 + (glu ? (nb + 1 + (at >= bbytes ? NB / 2 : 0)) * bbytes + at % bbytes
+                                                                : (nb + TV) * bbytes + at);
+                        }
 #define QV_TILE(KIND, TR_, TV_, GLU) \
     qv_tile(KIND, TR_, TV_, GLU, wb, vbytes, sb, mb, sstride, osc, ostride, xb, db, sbk, off + b * TR, rows, K, Kp, Gp, yr, ldy, is_bf16, pf)
 #define QV_PART(KIND) do { \
@@ -939,24 +951,25 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     case 4: if (tv == 2) QV_TILE(KIND, 4, 2, glu); else QV_TILE(KIND, 4, 1, 0); break; \
     default: if (tv == 2) QV_TILE(KIND, 5, 2, glu); else QV_TILE(KIND, 5, 1, 0); break; \
     } } while (0)
-                    const int tv = glu || nb + TV <= NB ? 2 : 1;
-                    if (rows < TR) { /* a last partial block: its rows only, in C (few registers) */
-                        if (kind == (QG_COLS | 4)) QV_PART(QG_COLS | 4);
-                        else QV_PART(QG_COLS | 8);
-                    } else if (glu) {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 1);
-                        else QV_TILE(QG_COLS | 8, TR, 2, 1);
-                    } else if (tv == 2) {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 0);
-                        else QV_TILE(QG_COLS | 8, TR, 2, 0);
-                    } else {
-                        if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 1, 0);
-                        else QV_TILE(QG_COLS | 8, TR, 1, 0);
-                    }
+                        const int tv = glu || nb + TV <= NB ? 2 : 1;
+                        if (rows < TR) { /* a last partial block: its rows only, in C (few registers) */
+                            if (kind == (QG_COLS | 4)) QV_PART(QG_COLS | 4);
+                            else QV_PART(QG_COLS | 8);
+                        } else if (glu) {
+                            if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 1);
+                            else QV_TILE(QG_COLS | 8, TR, 2, 1);
+                        } else if (tv == 2) {
+                            if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 2, 0);
+                            else QV_TILE(QG_COLS | 8, TR, 2, 0);
+                        } else {
+                            if (kind == (QG_COLS | 4)) QV_TILE(QG_COLS | 4, TR, 1, 0);
+                            else QV_TILE(QG_COLS | 8, TR, 1, 0);
+                        }
 #undef QV_PART
 #undef QV_TILE
+                    }
                 }
-            }
+        }
     }
     return 0;
 }
