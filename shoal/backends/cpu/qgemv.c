@@ -771,18 +771,36 @@ static inline __attribute__((always_inline)) void qv_tile(int kind, int TR, int 
     }
 }
 
-/* every lane ← the max / the sum of v's 16 lanes */
-static inline __m512 qv_allmax(__m512 m) {
-    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
-    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
-    m = _mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(1, 0, 3, 2)));
-    return _mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(2, 3, 0, 1)));
+/* Six rows' 16-lane vectors reduced at once (a tree: 23 shuffles and ops instead of 6 × 8): lane r
+ * of the result (r < 6) is the max / the sum of v[r]'s lanes. Max and integer sums are exact in any
+ * order, so the results are those of six separate reductions. */
+static const int32_t qv_red_idx[16] = {0, 4, 8, 12, 16, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+static inline __m256 qv_max6(const __m512 v[6]) {
+    __m512 t[3];
+    for (int p = 0; p < 3; p++) /* chunks 0–1: row 2p's 8 partial maxima, 2–3: row 2p + 1's */
+        t[p] = _mm512_max_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xee));
+    /* chunk k: row k's 4 partials (rows 0–3), then rows 4, 5, 4, 5 */
+    __m512 u = _mm512_max_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x88), _mm512_shuffle_f32x4(t[0], t[1], 0xdd));
+    __m512 w = _mm512_max_ps(_mm512_shuffle_f32x4(t[2], t[2], 0x88), _mm512_shuffle_f32x4(t[2], t[2], 0xdd));
+    u = _mm512_max_ps(u, _mm512_permute_ps(u, 0x4e));
+    u = _mm512_max_ps(u, _mm512_permute_ps(u, 0xb1));
+    w = _mm512_max_ps(w, _mm512_permute_ps(w, 0x4e));
+    w = _mm512_max_ps(w, _mm512_permute_ps(w, 0xb1));
+    return _mm512_castps512_ps256(_mm512_permutex2var_ps(u, _mm512_loadu_si512(qv_red_idx), w));
 }
-static inline __m512i qv_allsum(__m512i v) {
-    v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-    v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
-    return _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+static inline __m256i qv_sum6(const __m512i v[6]) {
+    __m512i t[3];
+    for (int p = 0; p < 3; p++)
+        t[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x44),
+                                _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xee));
+    __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], 0x88), _mm512_shuffle_i32x4(t[0], t[1], 0xdd));
+    __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[2], 0x88), _mm512_shuffle_i32x4(t[2], t[2], 0xdd));
+    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, (_MM_PERM_ENUM)0x4e));
+    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, (_MM_PERM_ENUM)0xb1));
+    w = _mm512_add_epi32(w, _mm512_shuffle_epi32(w, (_MM_PERM_ENUM)0x4e));
+    w = _mm512_add_epi32(w, _mm512_shuffle_epi32(w, (_MM_PERM_ENUM)0xb1));
+    return _mm512_castsi512_si256(_mm512_permutex2var_epi32(u, _mm512_loadu_si512(qv_red_idx), w));
 }
 
 /* rows [b·6, b·6 + 6) of x → block b's arranged activations (xa: per group, 8 steps × 6 rows of the
@@ -811,12 +829,11 @@ static void qv_quantize_block(int b, int M, const void *x, int64_t ldx, int K, i
     __m256 offv = _mm256_setzero_ps();
     for (int g = 0; g < Gp; g++) {
         const int k = 32 * g, n = K - k <= 0 ? 0 : (K - k >= 32 ? 32 : K - k);
-        __m512 a[TR][2];
-        __m256 m6 = _mm256_setzero_ps();
+        __m512 a[TR][2], mx[TR];
 #pragma GCC unroll 6
         for (int r = 0; r < TR; r++) {
             if (r >= nr || n == 0) {
-                a[r][0] = a[r][1] = _mm512_setzero_ps();
+                a[r][0] = a[r][1] = mx[r] = _mm512_setzero_ps();
                 continue;
             }
             const char *xp = xr + (size_t)r * ldx * esz;
@@ -831,22 +848,22 @@ static void qv_quantize_block(int b, int M, const void *x, int64_t ldx, int K, i
                 a[r][0] = _mm512_maskz_loadu_ps(m0, (const float *)xp + k);
                 a[r][1] = _mm512_maskz_loadu_ps(m1, (const float *)xp + k + 16);
             }
-            const __m512 am = qv_allmax(_mm512_max_ps(_mm512_abs_ps(a[r][0]), _mm512_abs_ps(a[r][1])));
-            m6 = _mm256_mask_mov_ps(m6, (__mmask8)(1u << r), _mm512_castps512_ps256(am));
+            mx[r] = _mm512_max_ps(_mm512_abs_ps(a[r][0]), _mm512_abs_ps(a[r][1]));
         }
+        const __m256 m6 = qv_max6(mx);
         /* lane r: row r's 127 / amax (0 for an all-zero group) and amax / 127 */
         const __m256 c127 = _mm256_set1_ps(127.f);
         const __m256 vi6 = _mm256_maskz_div_ps(_mm256_cmp_ps_mask(m6, _mm256_setzero_ps(), _CMP_GT_OQ), c127, m6);
         const __m256 d6 = _mm256_div_ps(m6, c127);
         __m512i rows[3];
-        __m256i s6 = _mm256_setzero_si256();
+        __m512i qs[TR];
         __m256i q8[TR];
 #pragma GCC unroll 6
         for (int r = 0; r < TR; r++) {
             const __m512 vi = _mm512_permutexvar_ps(rsel[r], _mm512_castps256_ps512(vi6));
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a[r][0], vi));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a[r][1], vi));
-            s6 = _mm256_mask_mov_epi32(s6, (__mmask8)(1u << r), _mm512_castsi512_si256(qv_allsum(_mm512_add_epi32(q0, q1))));
+            qs[r] = _mm512_add_epi32(q0, q1);
             q8[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q0)), _mm512_cvtepi32_epi8(q1), 1);
         }
 #pragma GCC unroll 3
@@ -857,7 +874,7 @@ static void qv_quantize_block(int b, int M, const void *x, int64_t ldx, int K, i
             const __m512i ab = _mm512_permutex2var_epi32(rows[0], _mm512_loadu_si512(pidx[o]), rows[1]);
             _mm512_storeu_si512(xo + 16 * o, _mm512_mask_permutexvar_epi32(ab, cmask[o], _mm512_loadu_si512(cidx[o]), rows[2]));
         }
-        const __m256 sv = _mm256_mul_ps(d6, _mm256_cvtepi32_ps(s6));
+        const __m256 sv = _mm256_mul_ps(d6, _mm256_cvtepi32_ps(qv_sum6(qs)));
         _mm256_mask_storeu_ps(da + g * TR, 0x3f, d6);
         _mm256_mask_storeu_ps(sa + g * TR, 0x3f, sv);
         offv = _mm256_add_ps(offv, sv);
