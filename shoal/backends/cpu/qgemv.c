@@ -883,7 +883,8 @@ static void qv_quantize_block(int b, int M, const void *x, int64_t ldx, int K, i
 }
 
 /* arranged activations per cache chunk (rows a thread runs every tile of the weight over): 64 KB to
- * 4 MB measured within noise at 512 rows; row blocks per thread from which threads split rows */
+ * 4 MB measured within noise at 512 rows; row blocks per thread from which threads split rows (and
+ * the fewest row blocks in a prompt's work item) */
 #define QV_CHUNK_BYTES (256 * 1024)
 #define QV_ROWSPLIT_BLOCKS 4
 /* glu: N = 2I outputs, the first I a gate and the last I its up projection; y [M, I] = silu(gate)·up */
@@ -905,9 +906,10 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
     /* tiles: pairs of neighbouring blocks, or (glu) gate block t with up block t + NB/2 */
     const int64_t NT = glu ? NB / 2 : (NB + TV - 1) / TV, vbytes = glu ? NB / 2 * bbytes : bbytes;
     const int64_t sstride = glu ? NB / 2 * 16 * Gp : 16 * Gp, ostride = glu ? NB / 2 * 16 : 16;
-    /* prompts: each thread quantizes, arranges and multiplies its own row blocks (no barrier, its
-     * activations stay in its own cache; every thread reads the whole weight, which is small next to
-     * the work); decode batches: threads split the columns, so each streams its part of the weight */
+    /* prompts: threads split the rows (each quantizes, arranges and multiplies the row blocks it
+     * takes: no barrier, its activations stay in its own cache; every thread reads the whole weight,
+     * which is small next to the work); decode batches: threads split the columns, so each streams
+     * its part of the weight */
     const int by_rows = MB >= QV_ROWSPLIT_BLOCKS * nthreads;
     /* bytes of the next tile's weight one full-tile call prefetches (512 per unit): the row blocks of
      * a chunk take the next tile in turns, so its lines arrive spread over this tile's work */
