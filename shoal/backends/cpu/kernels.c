@@ -415,9 +415,9 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
             float *acc = qf + (size_t)GB * D;
             float *sc = acc + (size_t)GB * DV;
             /* the items (sequence, KV head) of the thread's own range in order, then what is left
-             * of the others' (worksplit.h); own_end: where its own range ends */
+             * of the others' (worksplit.h) */
             const int tid = omp_get_thread_num();
-            const int own_end = (int)ws.r[tid].end;
+            const int own_start = (int)ws.r[tid].start, own_end = (int)ws.r[tid].end;
             const int elem = is_bf16 ? 2 : 4;
             pf_cursor pfc = {0};
             for (int item, prev = -2; (item = (int)ws_next(&ws, tid)) >= 0; prev = item) {
@@ -433,7 +433,9 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                  * 32 sequences (their lengths), from DRAM, alternating in one process: 5.27–5.28 ms
                  * with all, 4.64 with ~60%, 4.68 with half; 32 × 160 tokens: 4.53, 3.72, 3.97; the
                  * `ci` decode step ~1 ms faster (half against all) */
-                if ((h == 0 || item != prev + 1) && (b + 1) * HKV < own_end && item < own_end)
+                /* (only within its own range: after an item taken from another thread, the next
+                 * sequence is that thread's) */
+                if ((h == 0 || item != prev + 1) && item >= own_start && (b + 1) * HKV < own_end)
                     pf_start(&pfc, k_cache, v_cache, tables + (int64_t)(b + 1) * W, seq_lens[b + 1], BS, HKV, D, DV,
                              elem, (int64_t)(HKV - h) * (len + 3) * 2 / 5);
                 for (int g0 = 0; g0 < G; g0 += GB) {

@@ -387,8 +387,6 @@ static inline __m256i qv_bf16(__m512 v) {
 #endif
 }
 
-/* one row x[0..K) → xq [Kp] int8 in natural order, dx [Kp/32] scales, xs [Kp/32] the quantized
- * group sums dx_g · Σ xq_g (as quantize_row); returns Σ_g xs_g (for int8 weights' +128 offset) */
 /* group x[k0, k0 + 32) (zeros past K) → its 32 int8 values (q, as 8 dwords in natural order); returns
  * the scale amax / 127 */
 static inline float qv_quantize_group(const void *x, int K, int k0, int is_bf16, int32_t *q) {

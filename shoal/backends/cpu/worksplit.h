@@ -11,11 +11,11 @@
 
 #define WS_MAX_THREADS 256
 
-/* one range: front in the low 32 bits, back (exclusive) in the high 32, on its own cache line; end:
- * the back it started with */
+/* one range: front in the low 32 bits, back (exclusive) in the high 32, on its own cache line;
+ * [start, end): the range it started as */
 typedef struct {
     _Alignas(64) uint64_t fb;
-    uint32_t end;
+    uint32_t start, end;
 } ws_range;
 
 typedef struct {
@@ -28,7 +28,7 @@ static inline uint64_t ws_pack(uint32_t front, uint32_t back) { return (uint64_t
 /* thread t's range [front, back); call from one thread before the parallel region */
 static inline void ws_init_range(ws_split *w, int t, uint32_t front, uint32_t back) {
     __atomic_store_n(&w->r[t].fb, ws_pack(front, back), __ATOMIC_RELAXED);
-    w->r[t].end = back;
+    w->r[t].start = front, w->r[t].end = back;
 }
 
 /* items [0, n) in nth equal contiguous ranges; call from one thread before the parallel region */
