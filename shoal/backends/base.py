@@ -117,6 +117,13 @@ class Platform:
         """Name of the graph-capture mechanism (e.g. "cuda_graph"), or None."""
         return None
 
+    def decode_fused(self, model: Any, max_rows: int) -> bool:
+        """True when this platform runs every decode step of `model` (caches bound, up to `max_rows`
+        rows) as one call through all its layers (`dense_decoder_stack`), so that compiling the step
+        would add only the compiled graph's own per-call overhead; the model runner then does not
+        compile it."""
+        return False
+
     def kv_cache_budget(self, free_bytes: int) -> int:
         """Default KV-cache size in bytes, given the device's free memory once weights are loaded
         (`--kv-cache-memory` overrides it)."""

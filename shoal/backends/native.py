@@ -241,11 +241,24 @@ def dense_decoder_layer(layer: Any, x: torch.Tensor, residual: torch.Tensor | No
     return layer.forward_ops(x, residual, fb)
 
 
+def dense_decoder_stack(layers: Any, x: torch.Tensor, fb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode or prompt step through all the decoder layers of a dense model (`layers`, an
+    nn.ModuleList of models.llama.LlamaDecoderLayer), from the embedded tokens x → (the last layer's
+    MLP output, the residual stream before it). The native form calls each layer in turn (each
+    through `dense_decoder_layer`); a platform may run them all in one call (the CPU platform, for
+    decode steps), which saves the per-layer calls' overhead."""
+    residual = None
+    for layer in layers:
+        x, residual = layer(x, residual, fb)
+    return x, residual
+
+
 # Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;
 # `shoal doctor` and `shoal conformance` show it as "not in table", never as passing.
 KNOWN_OPS = (
     "rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "store_kv", "paged_attention", "mla_attention", "moe_experts",
     "linear", "quant_linear", "quant_linear_silu_mul", "argmax", "sample", "dense_decoder_layer",
+    "dense_decoder_stack",
 )
 
 NATIVE_OPS = {
@@ -263,4 +276,5 @@ NATIVE_OPS = {
     "argmax": argmax,
     "sample": sample,
     "dense_decoder_layer": dense_decoder_layer,
+    "dense_decoder_stack": dense_decoder_stack,
 }

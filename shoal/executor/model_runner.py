@@ -179,7 +179,10 @@ class ModelRunner:
         static sizes (`_padded_sizes`), whose dense matmuls inductor max-autotunes. The context length
         is symbolic in every bucket, so no graph is re-traced after warm-up. Start-up with the
         default model (2 cores) takes a few minutes: each graph is compiled anew, frozen graphs
-        bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only."""
+        bypass inductor's on-disk cache; `SHOAL_COMPILE_BATCHED=0` compiles batch 1 only. Where the
+        platform runs every decode step's layers as one call (`Platform.decode_fused`: the CPU with
+        the default model), nothing is compiled: the graph around that call would only add its own
+        overhead."""
         slots = self.num_blocks * self.block_size
         if slots < 64:
             return
@@ -197,6 +200,10 @@ class ModelRunner:
         if self.cfg.enforce_eager:
             return
         max_seqs = self.cfg.scheduler.max_num_seqs
+        if os.environ.get("SHOAL_COMPILE_FUSED") != "1" and self.platform.decode_fused(self.model, max_seqs):
+            # (SHOAL_COMPILE_FUSED=1 compiles it anyway: tests, and timing the two against each other)
+            log.info("the decode step runs its layers as one fused call: not compiled (it would only add overhead)")
+            return
         buckets = [b for b in (1, 2) if b <= max_seqs] + self._padded_sizes
         if os.environ.get("SHOAL_COMPILE_BATCHED") == "0":  # batch 1 only (quicker start-up)
             buckets = [1]

@@ -81,9 +81,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        x, residual = self.embed_tokens(fb.input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, fb)
+        x, residual = ops.dense_decoder_stack(self.layers, self.embed_tokens(fb.input_ids), fb)
         return self.norm(x, residual)[0]
 
 

@@ -1,8 +1,10 @@
 """The CPU platform's whole-layer decode kernel (ops.cpp `dense_decode_layer`, reached through the
-`dense_decoder_layer` op) against the same layer run op by op: bit-identical outputs and caches on
-every decode batch of a generation (batch sizes 12 down to 1: both the small-batch GEMV and the AMX
-matmul ranges), for Llama and Qwen2 (q/k/v biases), int4 and int8 weights; and a compiled bf16
-decode step built on it gives the eager step's greedy tokens."""
+`dense_decoder_layer` op) against the same layer run op by op, and its all-layers call
+(`dense_decode_stack`, through `dense_decoder_stack`) against the layers called one by one:
+bit-identical outputs and caches on every decode batch of a generation (batch sizes 12 down to 1:
+both the small-batch GEMV and the batched matmul ranges), for Llama and Qwen2 (q/k/v biases), int4
+and int8 weights; a fused decode step is not compiled, and a compiled bf16 decode step built on the
+fused call (compiled on request) gives the eager step's greedy tokens."""
 
 from __future__ import annotations
 
@@ -48,6 +50,38 @@ def test_fused_decode_layer_is_the_layer_op_by_op(tmp_path, monkeypatch, maker, 
         return got
 
     monkeypatch.setattr(cpu, "_fused_decode_layer", both)
+    monkeypatch.setattr(cpu, "_fused_decode_stack", lambda *a: None)  # layer by layer
+    outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=2 + 2 * i, ignore_eos=True)
+                                  for i in range(len(PROMPTS))])
+    assert all(len(o.outputs[0].token_ids) == 2 + 2 * i for i, o in enumerate(outs))
+    assert min(sizes) <= 8 < max(sizes), sizes  # both matmul kernels ran
+
+
+@pytest.mark.parametrize("maker,quant", [(make_llama, "int4"), (make_qwen2, "int4"), (make_llama, "int8")])
+def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, maker, quant):
+    _needs_kernels()
+    llm = LLM(str(maker(tmp_path / "m")), dtype="bfloat16", quantization=quant, enforce_eager=True, progress=False,
+              max_num_seqs=16, num_blocks_override=64)
+    fused, sizes = cpu._fused_decode_stack, collections.Counter()
+    native = cpu.native.dense_decoder_stack
+
+    def both(layers, x, fb):  # noqa: ANN001, ANN202
+        caches = [c for layer in layers for c in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
+        before = [c.clone() for c in caches]
+        got = fused(layers, x, fb)
+        if got is None:
+            assert not fb.attn.decode_only, f"a {x.shape[0]}-row decode batch did not take the fused stack"
+            return None
+        after = [c.clone() for c in caches]
+        for c, b in zip(caches, before):
+            c.copy_(b)
+        want = native(layers, x, fb)  # each layer through dense_decode_layer (checked op by op above)
+        for a, b in zip(got + tuple(after), want + tuple(caches)):
+            assert torch.equal(a, b)
+        sizes[x.shape[0]] += 1
+        return got
+
+    monkeypatch.setattr(cpu, "_fused_decode_stack", both)
     outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=2 + 2 * i, ignore_eos=True)
                                   for i in range(len(PROMPTS))])
     assert all(len(o.outputs[0].token_ids) == 2 + 2 * i for i, o in enumerate(outs))
@@ -67,19 +101,42 @@ def test_fused_layer_declines_what_it_does_not_cover(tmp_path, monkeypatch):
         calls["fused" if out is not None else "op by op"] += 1
         return out
 
+    stack = cpu._fused_decode_stack
+
+    def count_stack(*a):  # noqa: ANN002, ANN202
+        out = stack(*a)
+        calls["stack" if out is not None else "layer by layer"] += 1
+        return out
+
     monkeypatch.setattr(cpu, "_fused_decode_layer", count)
+    monkeypatch.setattr(cpu, "_fused_decode_stack", count_stack)
     llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert calls["fused"] == 0 and calls["op by op"] > 0
+    assert calls["stack"] == 0 and calls["layer by layer"] > 0
+    assert not llm.engine.runner.platform.decode_fused(llm.engine.runner.model, 4)
+
+
+def test_fused_decode_is_not_compiled(tmp_path):
+    _needs_kernels()
+    llm = LLM(str(make_llama(tmp_path / "m")), dtype="bfloat16", quantization="int4", enforce_eager=False,
+              progress=False, max_num_seqs=12, num_blocks_override=64)
+    runner = llm.engine.runner
+    assert runner.platform.decode_fused(runner.model, 12)
+    assert runner._compiled_decode is None
+    # more rows than the fused call takes: compiled as before
+    assert not runner.platform.decode_fused(runner.model, kernels.QUANT_GEMM_MAX_ROWS + 1)
 
 
 def test_compiled_bf16_decode_on_the_fused_layer_matches_eager(tmp_path, monkeypatch):
     _needs_kernels()
     path = make_llama(tmp_path / "m")
     kw = dict(dtype="bfloat16", quantization="int4", progress=False, max_num_seqs=12, num_blocks_override=64)
+    monkeypatch.setenv("SHOAL_COMPILE_FUSED", "1")  # the fused step is otherwise not compiled
     compiled = LLM(str(path), enforce_eager=False, **kw)
     assert compiled.engine.runner._compiled_decode is not None, "compile failed; see the warning in the log"
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in compiled.generate(PROMPTS[:10], params)]  # a batch of 10 padded to 12
     monkeypatch.setattr(cpu, "_fused_decode_layer", lambda *a: None)  # the eager reference, op by op
+    monkeypatch.setattr(cpu, "_fused_decode_stack", lambda *a: None)
     eager = LLM(str(path), enforce_eager=True, **kw)
     assert got == [o.outputs[0].token_ids for o in eager.generate(PROMPTS[:10], params)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -531,12 +531,12 @@ def check_sample(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     yield "seeded", seeded
 
 
-def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
-    """A composition, so its reference is the same layer run op by op on the platform (`forward_ops`,
-    each op of which has its own float64 check above) rather than a float64 run: what the platform
-    fuses must agree with what it runs unfused. Int4 weights (as the default model's), fresh caches
-    for each side; decode batches in both the small-batch (5 rows) and the batched (12 rows) kernel
-    range, and a mixed batch (which every platform runs op by op)."""
+def _dense_layer_cases(c: OpContext, name: str, num_layers: int,
+                       run_ops: Callable[..., Any], run_op: Callable[..., Any]) -> Iterator[tuple[str, Thunk]]:
+    """Cases shared by the dense-layer compositions: `num_layers` random int4 Llama/Qwen2 decoder
+    layers, run op by op (`run_ops(layers, x, res, fb)`) and by the platform's op (`run_op`), each
+    side on fresh copies of the caches; the outputs compared (a later layer's reads the K/V rows the
+    ones before it wrote)."""
     from shoal.config import ModelConfig
     from shoal.executor.forward_batch import ForwardBatch
     from shoal.layers.quant import quantize_model
@@ -553,18 +553,18 @@ def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
                 kind: str = kind, layout: list[tuple[int, int]] = layout, model: str = model) -> CaseResult:
             d = 64
             cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=hid, intermediate_size=inter,
-                              num_hidden_layers=1, num_attention_heads=hq, num_key_value_heads=hkv)
+                              num_hidden_layers=num_layers, num_attention_heads=hq, num_key_value_heads=hkv)
             prev = torch.get_default_dtype()
             torch.set_default_dtype(c.dtype)  # as the model runner builds a model (rotary tables stay fp32)
             try:
-                layer = LlamaDecoderLayer(cfg, bias)
+                layers = torch.nn.ModuleList(LlamaDecoderLayer(cfg, bias) for _ in range(num_layers))
             finally:
                 torch.set_default_dtype(prev)
             with torch.no_grad():
-                for name, p in layer.named_parameters():
+                for pname, p in layers.named_parameters():
                     p.copy_(c.randn(*p.shape, scale=p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1)
-                            + (1.0 if "norm" in name else 0.0))
-            layer = quantize_model(layer, "int4").to(c.device)
+                            + (1.0 if "norm" in pname else 0.0))
+            layers = quantize_model(layers, "int4").to(c.device)
             meta = make_meta(layout, bs, c.gen)
             nb = num_blocks_of(meta)
             tokens = sum(n for n, _ in layout)
@@ -572,15 +572,43 @@ def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
             fb = ForwardBatch(torch.zeros(tokens, dtype=torch.long, device=c.device), positions.to(c.device),
                               meta_to(meta, c.device), torch.zeros(0, dtype=torch.long, device=c.device))
             x, res = c.dev(c.randn(tokens, hid)), c.dev(c.randn(tokens, hid))
-            kc, vc = c.dev(c.randn(nb, bs, hkv, d)), c.dev(c.randn(nb, bs, hkv, d))
+            caches = [(c.dev(c.randn(nb, bs, hkv, d)), c.dev(c.randn(nb, bs, hkv, d))) for _ in range(num_layers)]
             outs = []
-            for fn in (layer.forward_ops, lambda *a: c.op("dense_decoder_layer")(layer, *a)):
-                layer.self_attn.attn.bind_kv_cache({"k": kc.clone(), "v": vc.clone()})
+            for fn in (run_ops, run_op):
+                for layer, (kc, vc) in zip(layers, caches):
+                    layer.self_attn.attn.bind_kv_cache({"k": kc.clone(), "v": vc.clone()})
                 with torch.no_grad():
-                    outs.append(torch.cat(fn(x, res, fb), dim=-1))
-            return c.judge("dense_decoder_layer", f"{model} {hq}/{hkv}×{d}, hidden {hid}, int4, {kind} {layout}",
+                    out = fn(layers, x, res, fb)
+                outs.append(torch.cat(out, dim=-1))
+            return c.judge(name, f"{model} {hq}/{hkv}×{d}, hidden {hid}, {num_layers} layer(s), int4, {kind} {layout}",
                            outs[1], outs[0].cpu().to(F64))
         yield f"{model} {kind} {len(layout)} rows", run
+
+
+def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """A composition, so its reference is the same layer run op by op on the platform (`forward_ops`,
+    each op of which has its own float64 check above) rather than a float64 run: what the platform
+    fuses must agree with what it runs unfused. Int4 weights (as the default model's), fresh caches
+    for each side; decode batches in both the small-batch (5 rows) and the batched (12 rows) kernel
+    range, and a mixed batch (which every platform runs op by op)."""
+    yield from _dense_layer_cases(
+        c, "dense_decoder_layer", 1,
+        lambda layers, x, res, fb: layers[0].forward_ops(x, res, fb),
+        lambda layers, x, res, fb: c.op("dense_decoder_layer")(layers[0], x, res, fb))
+
+
+def check_dense_decoder_stack(c: OpContext) -> Iterator[tuple[str, Thunk]]:
+    """All of a step's layers (three here) from the embedded tokens, against the same layers run op
+    by op one after another (`forward_ops`), as `dense_decoder_layer`'s check: same cases."""
+    def ops_one_by_one(layers: Any, x: torch.Tensor, res: torch.Tensor, fb: Any) -> tuple[torch.Tensor, ...]:
+        residual = None
+        for layer in layers:
+            x, residual = layer.forward_ops(x, residual, fb)
+        return x, residual
+
+    yield from _dense_layer_cases(
+        c, "dense_decoder_stack", 3, ops_one_by_one,
+        lambda layers, x, res, fb: c.op("dense_decoder_stack")(layers, x, fb))
 
 
 CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
@@ -598,4 +626,5 @@ CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {
     "argmax": check_argmax,
     "sample": check_sample,
     "dense_decoder_layer": check_dense_decoder_layer,
+    "dense_decoder_stack": check_dense_decoder_stack,
 }

@@ -402,6 +402,14 @@ def _register_fakes() -> None:
           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
+    @torch.library.register_fake("shoal::dense_decode_stack")
+    def _(x: torch.Tensor, norms: list[torch.Tensor], eps: float, weights: list[torch.Tensor], kinds: list[int],
+          dims: list[int], qkv_biases: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+          positions: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+          slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
     @torch.library.register_fake("shoal::decode_attention")
     def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -232,73 +232,98 @@ void packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::T
 //   o = o_proj(decode_attention(q)); h, res = add_rms_norm(o, res)
 //   out = down(silu(gate(h)) · up(h))
 // so that a compiled decode step makes one dispatcher call a layer instead of nine, with no graph
-// kernels between them. weights: 12 tensors (qkv, o, gate_up, down; each the three of
-// repack_int4/8); kinds: their 4 kinds; dims: [num_heads, num_kv_heads, head_dim, intermediate];
-// cos/sin: the rotary tables [max_position, head_dim / 2] (fp32), gathered here by positions.
-std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
-    const at::Tensor &x, const c10::optional<at::Tensor> &residual, const at::Tensor &in_norm,
-    const at::Tensor &post_norm, double eps, at::TensorList weights, at::IntArrayRef kinds, at::IntArrayRef dims,
-    const c10::optional<at::Tensor> &qkv_bias, const at::Tensor &cos, const at::Tensor &sin,
-    const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &slot_mapping,
-    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
-    const char *op = "dense_decode_layer";
+// kernels between them (dense_decode_stack: one call for all the layers). weights: 12 tensors (qkv,
+// o, gate_up, down; each the three of repack_int4/8); kinds: their 4 kinds; dims: [num_heads,
+// num_kv_heads, head_dim, intermediate]; cos/sin: the rotary tables [max_position, head_dim / 2]
+// (fp32), gathered by positions.
+
+// What a decode step's layers share, checked and converted once: the rows' positions, cache slots,
+// block tables and lengths as int64, and the rotary rows of the positions ([2, b, head_dim / 2]).
+struct DecodeRows {
+    at::Tensor pos, slots, tables, lens, cs;
+    int64_t b = 0;
+};
+
+DecodeRows decode_rows(const at::Tensor &x, int64_t d, const at::Tensor &cos, const at::Tensor &sin,
+                       const at::Tensor &positions, const at::Tensor &slot_mapping, const at::Tensor &block_tables,
+                       const at::Tensor &seq_lens, const char *op) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), op,
                 ": x must be a contiguous bf16 CPU tensor [B, hidden]");
-    TORCH_CHECK(weights.size() == 12 && kinds.size() == 4 && dims.size() == 4, op, ": 12 weights, 4 kinds, 4 dims");
-    const int64_t b = x.size(0), hid = x.size(1), hq = dims[0], hkv = dims[1], d = dims[2], inter = dims[3];
-    const int64_t qd = hq * d, kvd = hkv * d, qkv_n = qd + 2 * kvd;
-    TORCH_CHECK(d % 2 == 0 && hq % hkv == 0, op, ": head_dim must be even, query heads a multiple of KV heads");
-    TORCH_CHECK(b <= 96, op, ": at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
-    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
-                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
-                    k_cache.size(2) == hkv && k_cache.size(3) == d && v_cache.size(2) == hkv && v_cache.size(3) == d,
-                op, ": caches must be contiguous bf16 [blocks, block_size, kv_heads, head_dim]");
+    TORCH_CHECK(x.size(0) <= 96, op, ": at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
+    TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == d / 2 && sin.sizes() == cos.sizes(),
                 op, ": cos/sin must be contiguous fp32 [positions, head_dim / 2]");
+    DecodeRows r;
+    r.b = x.size(0);
+    r.pos = positions.to(at::kLong).contiguous();
+    r.slots = slot_mapping.to(at::kLong).contiguous();
+    r.tables = block_tables.to(at::kLong).contiguous();
+    r.lens = seq_lens.to(at::kLong).contiguous();
+    const int64_t b = r.b;
+    TORCH_CHECK(r.pos.numel() == b && r.slots.numel() == b && r.lens.numel() == b && r.tables.dim() == 2 &&
+                    r.tables.size(0) == b,
+                op, ": positions, slot_mapping, seq_lens and block_tables need one entry (row) per token");
+    const int64_t npos = cos.size(0), *pp = r.pos.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; i++) TORCH_CHECK(pp[i] >= 0 && pp[i] < npos, op, ": position ", pp[i], " out of range");
+    r.cs = at::empty({2, b, d / 2}, cos.options());
+    float *cb = r.cs.data_ptr<float>(), *sb = cb + b * (d / 2);
+    for (int64_t i = 0; i < b; i++) {
+        std::memcpy(cb + i * (d / 2), cos.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
+        std::memcpy(sb + i * (d / 2), sin.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
+    }
+    return r;
+}
+
+// one layer's weights, norms and caches against the rows' shapes and slots
+void check_decode_layer(const DecodeRows &r, int64_t hid, const at::Tensor &in_norm, const at::Tensor &post_norm,
+                        const at::Tensor *weights, const int64_t *kinds, const int64_t *dims, const at::Tensor &k_cache,
+                        const at::Tensor &v_cache, const char *op) {
+    const int64_t hq = dims[0], hkv = dims[1], d = dims[2], inter = dims[3];
+    const int64_t qd = hq * d, kvd = hkv * d, qkv_n = qd + 2 * kvd;
+    TORCH_CHECK(hkv > 0 && hq % hkv == 0, op, ": query heads must be a multiple of KV heads");
+    TORCH_CHECK(r.cs.size(2) * 2 == d, op, ": head_dim must match the rotary tables");
+    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                    k_cache.size(2) == hkv && k_cache.size(3) == d && v_cache.size(2) == hkv && v_cache.size(3) == d &&
+                    v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1),
+                op, ": caches must be contiguous bf16 [blocks, block_size, kv_heads, head_dim]");
     TORCH_CHECK(in_norm.is_contiguous() && post_norm.is_contiguous() && in_norm.numel() == hid &&
                     post_norm.numel() == hid && in_norm.scalar_type() == post_norm.scalar_type() &&
                     (in_norm.scalar_type() == at::kBFloat16 || in_norm.scalar_type() == at::kFloat),
                 op, ": norm weights must be contiguous bf16/fp32 [hidden]");
     const int64_t ns[4] = {qkv_n, hid, 2 * inter, hid}, ks[4] = {hid, qd, hid, inter};
     for (int i = 0; i < 4; i++) check_packed_weight(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], kinds[i], ns[i], ks[i], op);
-    auto pos = positions.to(at::kLong).contiguous();
-    auto slots = slot_mapping.to(at::kLong).contiguous();
-    auto tables = block_tables.to(at::kLong).contiguous();
-    auto lens = seq_lens.to(at::kLong).contiguous();
-    TORCH_CHECK(pos.numel() == b && slots.numel() == b && lens.numel() == b && tables.dim() == 2 && tables.size(0) == b,
-                op, ": positions, slot_mapping, seq_lens and block_tables need one entry (row) per token");
-    const int64_t npos = cos.size(0), nslots = k_cache.size(0) * k_cache.size(1);
-    const int64_t *pp = pos.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
-    for (int64_t i = 0; i < b; i++) {
-        TORCH_CHECK(pp[i] >= 0 && pp[i] < npos, op, ": position ", pp[i], " out of range");
-        TORCH_CHECK(sp[i] >= 0 && sp[i] < nslots, op, ": cache slot ", sp[i], " out of range");
-    }
+    const int64_t nslots = k_cache.size(0) * k_cache.size(1), *sp = r.slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < r.b; i++) TORCH_CHECK(sp[i] >= 0 && sp[i] < nslots, op, ": cache slot ", sp[i], " out of range");
+}
+
+// the layer itself (arguments checked): → (its MLP output, the residual stream before it)
+std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor &x, const at::Tensor *residual,
+                                                const at::Tensor &in_norm, const at::Tensor &post_norm, float eps,
+                                                const at::Tensor *weights, const int64_t *kinds, const int64_t *dims,
+                                                const at::Tensor *qkv_bias, at::Tensor &k_cache, at::Tensor &v_cache,
+                                                const DecodeRows &r, double scale, const char *op) {
+    const int64_t b = r.b, hid = x.size(1), hq = dims[0], hkv = dims[1], d = dims[2], inter = dims[3];
+    const int64_t qd = hq * d, kvd = hkv * d, qkv_n = qd + 2 * kvd;
     const int nt = at::get_num_threads(), wb = in_norm.scalar_type() == at::kBFloat16;
-    const float feps = static_cast<float>(eps);
     auto opts = x.options();
     auto h = at::empty({b, hid}, opts), res = at::empty({b, hid}, opts);
     if (b == 0) return {h, res};
-    if (residual.has_value() && residual->defined()) {
-        const at::Tensor &r = *residual;
-        TORCH_CHECK(r.scalar_type() == at::kBFloat16 && r.sizes() == x.sizes() && r.is_contiguous(), op,
-                    ": residual must match x");
-        add_rms_norm(x.data_ptr(), hid, r.data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), res.data_ptr(), b,
-                     static_cast<int>(hid), feps, 1, wb, nt);
+    if (residual) {
+        TORCH_CHECK(residual->scalar_type() == at::kBFloat16 && residual->sizes() == x.sizes() &&
+                        residual->is_contiguous(), op, ": residual must match x");
+        add_rms_norm(x.data_ptr(), hid, residual->data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), res.data_ptr(), b,
+                     static_cast<int>(hid), eps, 1, wb, nt);
     } else {
-        rms_norm(x.data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), b, static_cast<int>(hid), feps, 1, wb, nt);
+        rms_norm(x.data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), b, static_cast<int>(hid), eps, 1, wb, nt);
         res.copy_(x);
     }
     auto qkv = at::empty({b, qkv_n}, opts);
     packed_matmul(h, &weights[0], kinds[0], qkv, nt);
-    if (qkv_bias.has_value() && qkv_bias->defined()) qkv.add_(*qkv_bias);
-    // the rotary rows of this batch's positions
-    auto cs = at::empty({2, b, d / 2}, cos.options());
-    float *cb = cs.data_ptr<float>(), *sb = cb + b * (d / 2);
-    for (int64_t i = 0; i < b; i++) {
-        std::memcpy(cb + i * (d / 2), cos.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
-        std::memcpy(sb + i * (d / 2), sin.data_ptr<float>() + pp[i] * (d / 2), sizeof(float) * (d / 2));
-    }
+    if (qkv_bias) qkv.add_(*qkv_bias);
+    const float *cb = r.cs.data_ptr<float>(), *sb = cb + b * (d / 2);
+    const int64_t *sp = r.slots.data_ptr<int64_t>();
     auto q = at::empty({b, hq, d}, opts), k = at::empty({b, hkv, d}, opts);
     auto *qkv_p = reinterpret_cast<uint16_t *>(qkv.data_ptr());
     rotary(qkv_p, qkv_n, d, cb, sb, q.data_ptr(), b, static_cast<int>(hq), static_cast<int>(d), 0, 1, nt);
@@ -307,16 +332,16 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
     store_rows(qkv_p + qd + kvd, qkv_n * 2, v_cache.data_ptr(), sp, b, kvd * 2, nt);
     auto attn = at::empty({b, hq * d}, opts);
     const int rc = paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), attn.data_ptr(),
+                                          r.tables.data_ptr<int64_t>(), r.lens.data_ptr<int64_t>(), attn.data_ptr(),
                                           static_cast<int>(b), static_cast<int>(hq), static_cast<int>(hkv),
                                           static_cast<int>(d), static_cast<int>(d), static_cast<int>(k_cache.size(1)),
-                                          static_cast<int>(tables.size(1)), static_cast<float>(scale), 1, nt);
+                                          static_cast<int>(r.tables.size(1)), static_cast<float>(scale), 1, nt);
     TORCH_CHECK(rc == 0, op, ": scratch allocation failed");
     auto o = at::empty({b, hid}, opts);
     packed_matmul(attn, &weights[3], kinds[1], o, nt);
     auto h2 = at::empty({b, hid}, opts), res2 = at::empty({b, hid}, opts);
     add_rms_norm(o.data_ptr(), hid, res.data_ptr(), hid, post_norm.data_ptr(), h2.data_ptr(), res2.data_ptr(), b,
-                 static_cast<int>(hid), feps, 1, wb, nt);
+                 static_cast<int>(hid), eps, 1, wb, nt);
     auto act = at::empty({b, inter}, opts);
     // as the platform's quant_linear_silu_mul: past the GEMV's rows, a column-layout weight (no AMX)
     // takes the VNNI tiles with the activation in their epilogue
@@ -337,6 +362,55 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
     auto out = at::empty({b, hid}, opts);
     packed_matmul(act, &weights[9], kinds[3], out, nt);
     return {out, res2};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
+    const at::Tensor &x, const c10::optional<at::Tensor> &residual, const at::Tensor &in_norm,
+    const at::Tensor &post_norm, double eps, at::TensorList weights, at::IntArrayRef kinds, at::IntArrayRef dims,
+    const c10::optional<at::Tensor> &qkv_bias, const at::Tensor &cos, const at::Tensor &sin,
+    const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &slot_mapping,
+    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
+    const char *op = "dense_decode_layer";
+    TORCH_CHECK(weights.size() == 12 && kinds.size() == 4 && dims.size() == 4, op, ": 12 weights, 4 kinds, 4 dims");
+    const DecodeRows r = decode_rows(x, dims[2], cos, sin, positions, slot_mapping, block_tables, seq_lens, op);
+    check_decode_layer(r, x.size(1), in_norm, post_norm, weights.data(), kinds.data(), dims.data(), k_cache, v_cache, op);
+    const bool has_res = residual.has_value() && residual->defined(), has_bias = qkv_bias.has_value() && qkv_bias->defined();
+    return decode_layer(x, has_res ? &*residual : nullptr, in_norm, post_norm, static_cast<float>(eps), weights.data(),
+                        kinds.data(), dims.data(), has_bias ? &*qkv_bias : nullptr, k_cache, v_cache, r, scale, op);
+}
+
+// All the decoder layers of a decode step in one call, layer after layer as dense_decode_layer (the
+// same kernels, so the same results): a step makes one dispatcher call instead of one a layer, and
+// the rows' inputs are converted and checked once. Per layer L: norms[2L], norms[2L + 1] (input and
+// post-attention), weights[12L .. 12L + 12), kinds[4L .. 4L + 4), dims[4L .. 4L + 4), qkv_biases[L]
+// (an empty list when no layer has one), k_caches[L], v_caches[L]; cos/sin and the rows' inputs are
+// the step's. x: the embedded tokens; → (the last layer's MLP output, the residual stream before it).
+std::tuple<at::Tensor, at::Tensor> dense_decode_stack_op(
+    const at::Tensor &x, at::TensorList norms, double eps, at::TensorList weights, at::IntArrayRef kinds,
+    at::IntArrayRef dims, at::TensorList qkv_biases, const at::Tensor &cos, const at::Tensor &sin,
+    const at::Tensor &positions, at::TensorList k_caches, at::TensorList v_caches, const at::Tensor &slot_mapping,
+    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
+    const char *op = "dense_decode_stack";
+    const int64_t nl = static_cast<int64_t>(k_caches.size());
+    TORCH_CHECK(nl > 0, op, ": no layers");
+    TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * nl && static_cast<int64_t>(weights.size()) == 12 * nl &&
+                    static_cast<int64_t>(kinds.size()) == 4 * nl && static_cast<int64_t>(dims.size()) == 4 * nl &&
+                    static_cast<int64_t>(v_caches.size()) == nl &&
+                    (qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == nl),
+                op, ": per layer 2 norms, 12 weights, 4 kinds, 4 dims, a K and a V cache (and a q/k/v bias or none)");
+    const DecodeRows r = decode_rows(x, dims[2], cos, sin, positions, slot_mapping, block_tables, seq_lens, op);
+    for (int64_t l = 0; l < nl; l++)
+        check_decode_layer(r, x.size(1), norms[2 * l], norms[2 * l + 1], &weights[12 * l], &kinds[4 * l], &dims[4 * l],
+                           k_caches[l], v_caches[l], op);
+    at::Tensor h = x, res;
+    for (int64_t l = 0; l < nl; l++) {
+        // the caches are written in place (the schema marks them mutable); TensorList is read-only
+        at::Tensor kc = k_caches[l], vc = v_caches[l];
+        std::tie(h, res) = decode_layer(h, l ? &res : nullptr, norms[2 * l], norms[2 * l + 1], static_cast<float>(eps),
+                                        &weights[12 * l], &kinds[4 * l], &dims[4 * l],
+                                        qkv_biases.empty() ? nullptr : &qkv_biases[l], kc, vc, r, scale, op);
+    }
+    return {h, res};
 }
 
 // decode rows (x [M, K], contiguous rows, bf16 or fp32) through whichever of quant_gemv's and
@@ -367,6 +441,9 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
           "Tensor[] weights, int[] kinds, int[] dims, Tensor? qkv_bias, Tensor cos, Tensor sin, Tensor positions, "
           "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
           "float scale) -> (Tensor, Tensor)");
+    m.def("dense_decode_stack(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] kinds, int[] dims, "
+          "Tensor[] qkv_biases, Tensor cos, Tensor sin, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+          "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
@@ -378,4 +455,5 @@ TORCH_LIBRARY_IMPL(shoal, CPU, m) {
     m.impl("panel_gemm", &panel_gemm_op);
     m.impl("decode_attention", &decode_attention_op);
     m.impl("dense_decode_layer", &dense_decode_layer_op);
+    m.impl("dense_decode_stack", &dense_decode_stack_op);
 }
