@@ -171,6 +171,11 @@ static inline __attribute__((always_inline)) void scores(const float *qf, const 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* 32 bf16 loaded as the dot product's operand type directly: GCC 12 moved `(__m512bh)` casts of a
+ * loaded __m512i through the stack (a store and a reload per K row) */
+typedef short shoal_bh_u __attribute__((vector_size(64), aligned(2), may_alias));
+static inline __m512bh loadu_bh(const uint16_t *p) { return (__m512bh)(*(const shoal_bh_u *)p); }
+
 /* Sixteen fp32 vectors → one vector of their sums, by a tree of lane shuffles (45 ops instead of
  * sixteen horizontal reductions). Output lane l holds the sum of input slot TREE_SLOT[l]; the
  * mapping is its own inverse, so the caller puts token l's products into slot TREE_SLOT[l]. */
@@ -216,7 +221,7 @@ static inline __attribute__((always_inline)) void scores_bf16(const uint16_t *q,
                     const uint16_t *kr = k0 + (int64_t)j * HKV * D;
                     __m512 a = _mm512_setzero_ps();
                     for (int c = 0; c < D; c += 32)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + c), (__m512bh)_mm512_loadu_si512(qg + c));
+                        a = _mm512_dpbf16_ps(a, loadu_bh(kr + c), loadu_bh(qg + c));
                     acc[TREE_SLOT[j]] = a;
                 }
                 if (n < 16)
