@@ -537,9 +537,9 @@ class CpuPlatform(Platform):
             return False
         try:
             caches = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
-        except AttributeError:  # not a Llama-family decoder layer
+            st = _stack_static(layers, caches)
+        except AttributeError:  # not a Llama-family decoder layer (MLA, MoE)
             return False
-        st = _stack_static(layers, caches)
         return st is not None and (max_rows <= PACKED_MAX_ROWS or st[1])
 
     def device_name(self, index: int | None = None) -> str:
