@@ -938,7 +938,8 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
                 for (int b = bA; b < bB; b++)
                     qv_quantize_block(b, M, x, ldx, K, Kp, is_bf16, xa + (size_t)b * TR * Kp / 4,
                                       fa + (size_t)b * TR * Gp * 2, fa + (size_t)b * TR * Gp * 2 + (size_t)TR * Gp, off);
-            for (int c0 = bA; c0 < bB; c0 += MC / TR)
+            for (int c0 = bA; c0 < bB; c0 += MC / TR) {
+                const int nrb = (bB < c0 + MC / TR ? bB : c0 + MC / TR) - c0; /* row blocks of the chunk */
                 for (int64_t t = tA; t < tB; t++) {
                     const int64_t nb = glu ? t : t * TV, ycol = glu ? 16 * t : 16 * nb;
                     const uint8_t *wb = (const uint8_t *)w0 + nb * bbytes;
@@ -952,6 +953,21 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
                         const int rows = M - b * TR;
                         /* the next tile's weight: row block c0 + i prefetches its bytes [i·pfcall, (i + 1)·pfcall) */
                         const uint8_t *pf = wb;
+                        if ((kind & 15) == 4 && t + 1 < NT) {
+                            /* and its scales and offsets (int4), slice b - c0 of the chunk's nrb: the
+                             * weight's own lines alone left these to demand misses, one line of a
+                             * group's sixteen columns at a time (30 layers' products at 32 rows, from
+                             * DRAM, alternating in one process: 7.55 → 7.15 ms; a decode step of the
+                             * `ci` batch 13.49 → 13.13 ms; prompts the same) */
+                            const int64_t nn = glu ? nb + 1 : nb + TV, per = 16 * (int64_t)Gp * 2;
+                            const int64_t lo = per * (b - c0) / nrb / 64 * 64, hi = per * (b - c0 + 1) / nrb;
+                            for (int v = 0; v < TV && lo < hi; v++) {
+                                const int64_t cb = glu ? nn + v * (NB / 2) : nn + v;
+                                const char *s0 = (const char *)((const uint16_t *)w1 + cb * 16 * Gp);
+                                const char *m0 = (const char *)((const uint16_t *)w2 + cb * 16 * Gp);
+                                for (int64_t o = lo; o < hi; o += 64) qg_prefetch(s0 + o), qg_prefetch(m0 + o);
+                            }
+                        }
                         if (t + 1 < NT) {
                             const int64_t at = (int64_t)(b - c0) * pfcall;
                             if (at < TV * bbytes)
@@ -986,6 +1002,7 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
 #undef QV_TILE
                     }
                 }
+            }
         }
     }
     return 0;
