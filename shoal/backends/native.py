@@ -245,8 +245,8 @@ def dense_decoder_stack(layers: Any, x: torch.Tensor, fb: Any) -> tuple[torch.Te
     """A decode or prompt step through all the decoder layers of a dense model (`layers`, an
     nn.ModuleList of models.llama.LlamaDecoderLayer), from the embedded tokens x → (the last layer's
     MLP output, the residual stream before it). The native form calls each layer in turn (each
-    through `dense_decoder_layer`); a platform may run them all in one call (the CPU platform, for
-    decode steps), which saves the per-layer calls' overhead."""
+    through `dense_decoder_layer`); a platform may run them all in one call (the CPU platform), which
+    saves the per-layer and per-op calls' overhead."""
     residual = None
     for layer in layers:
         x, residual = layer(x, residual, fb)

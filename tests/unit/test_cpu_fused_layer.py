@@ -60,8 +60,10 @@ def test_fused_decode_layer_is_the_layer_op_by_op(tmp_path, monkeypatch, maker, 
 @pytest.mark.parametrize("maker,quant", [(make_llama, "int4"), (make_qwen2, "int4"), (make_llama, "int8")])
 def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, maker, quant):
     _needs_kernels()
-    llm = LLM(str(maker(tmp_path / "m")), dtype="bfloat16", quantization=quant, enforce_eager=True, progress=False,
-              max_num_seqs=16, num_blocks_override=64)
+    # head size 32: the prompt attention kernel's smallest, so prompt and mixed steps fuse too
+    llm = LLM(str(maker(tmp_path / "m", num_attention_heads=2, num_key_value_heads=1)), dtype="bfloat16",
+              quantization=quant, enforce_eager=True, progress=False, max_num_seqs=16, num_blocks_override=64,
+              max_num_batched_tokens=96)  # prompts in chunks beside decoding rows: mixed steps
     fused, sizes = cpu._fused_decode_stack, collections.Counter()
     native = cpu.native.dense_decoder_stack
 
@@ -71,6 +73,7 @@ def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, make
         got = fused(layers, x, fb)
         if got is None:
             assert not fb.attn.decode_only, f"a {x.shape[0]}-row decode batch did not take the fused stack"
+            sizes["prompt declined"] += 1
             return None
         after = [c.clone() for c in caches]
         for c, b in zip(caches, before):
@@ -78,14 +81,23 @@ def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, make
         want = native(layers, x, fb)  # each layer through dense_decode_layer (checked op by op above)
         for a, b in zip(got + tuple(after), want + tuple(caches)):
             assert torch.equal(a, b)
-        sizes[x.shape[0]] += 1
+        sizes["decode" if fb.attn.decode_only else "prompt"] += 1
+        qlens = fb.attn.query_lens_cpu
+        if not fb.attn.decode_only and qlens.count(1) > 1:
+            sizes["mixed, with one-token sequences"] += 1
+        if fb.attn.decode_only:
+            sizes[x.shape[0]] += 1
         return got
 
     monkeypatch.setattr(cpu, "_fused_decode_stack", both)
     outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=2 + 2 * i, ignore_eos=True)
                                   for i in range(len(PROMPTS))])
     assert all(len(o.outputs[0].token_ids) == 2 + 2 * i for i, o in enumerate(outs))
-    assert min(sizes) <= 8 < max(sizes), sizes  # both matmul kernels ran
+    rows = [k for k in sizes if isinstance(k, int)]
+    assert min(rows) <= 8 < max(rows), sizes  # both matmul kernels ran
+    # prompt and mixed steps too, where their projections take the VNNI tiles (no AMX)
+    if cpu.int8_prompts() and kernels.prefill_attention_builtin():
+        assert sizes["prompt"] > 0 and sizes["mixed, with one-token sequences"] > 0, sizes
 
 
 def test_fused_layer_declines_what_it_does_not_cover(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ Every op uses its native form here except `quant_linear` (for bf16 decode rows s
 qgemv.c, and on CPUs without AMX its VNNI tiles for prompt rows too; else torch's packed int8/int4
 CPU kernels, or a dense oneDNN matmul for many rows), `quant_linear_silu_mul` (the tiles with
 SwiGLU in their epilogue), `paged_attention`, `dense_decoder_layer` (a decode step's Llama-family
-layer as one C++ call of the kernels below), `dense_decoder_stack` (all of a decode step's layers in
-one such call) and, in eager steps, `rms_norm`, `rotary` and
+layer as one C++ call of the kernels below), `dense_decoder_stack` (all of a step's layers in one
+such call: decode steps, and prompt steps where the CPU has no AMX) and, in eager steps, `rms_norm`, `rotary` and
 `silu_and_mul` (shoal's C kernels, kernels.c, when a C compiler is present); the CPU run of
 `shoal conformance` checks the native ops themselves (against the independent slow references in
 the suite).
@@ -426,18 +426,30 @@ def dense_decoder_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  
 
 
 def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
-    """A decode step's decoder layers in one C++ call (ops.cpp `dense_decode_stack`: each layer as
+    """A step's decoder layers in one C++ call (ops.cpp `dense_decode_stack`: each layer as
     `dense_decode_layer`, one after another), or None where that does not apply: where any layer
     would not take `_fused_decode_layer`, or the layers differ in their norms' eps, attention scale,
-    rotary tables or in having a q/k/v bias. One call a step instead of one a layer: the default
-    model's 30 layers at 32 rows, eager, spent ~1 ms a step in Python and dispatch around the calls."""
+    rotary tables or in having a q/k/v bias. Decode steps of up to kernels.QUANT_GEMM_MAX_ROWS rows;
+    eager prompt and mixed steps where the platform's ops would run every projection on
+    quant_gemm_vnni (`int8_prompts`: no AMX) and the attention on the prompt kernel (head size a
+    multiple of 32, blocks of a multiple of 16), with the one-token sequences of a mixed step on the
+    decode kernel as `_prefill_attention` does: the same kernels in the same order, so the same
+    results. One call a step instead of ~10 op calls a layer from Python: the default model's 30
+    layers at 32 decode rows spent ~0.5 ms a step around the calls; the `ci` recipe, both kinds of
+    steps fused against decode steps only, alternating in one process: 1,163 → 1,181 out tok/s."""
     meta = fb.attn
     rows = x.shape[0]
-    if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-            and 0 < rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()) or len(layers) == 0:
+    decode, compiling = meta.decode_only, torch.compiler.is_compiling()
+    if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and rows > 0
+            and kernels.torch_ops()) or len(layers) == 0:
+        return None
+    # prompt and mixed steps (eager): where every projection of any row count takes quant_gemm_vnni
+    # (int8_prompts: no AMX) and the prompt attention kernel is built; the block size and head size
+    # it needs are checked below
+    if not (rows <= kernels.QUANT_GEMM_MAX_ROWS if decode
+            else not compiling and int8_prompts() and kernels.prefill_attention_builtin()):
         return None
     key = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
-    compiling = torch.compiler.is_compiling()
     hit = None if compiling else layers.__dict__.get("_shoal_stack")
     if hit is None or len(hit[0]) != len(key) or any(a is not c or b is not d for (a, b), (c, d) in zip(hit[0], key)):
         hit = (key, _stack_static(layers, key))
@@ -448,9 +460,24 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
         return None
     args, _ = st
     norms, eps, weights, kinds, dims, biases, cos, sin, kcs, vcs, scale = args
+    split = []
+    if not decode:
+        if any(d % 32 for d in dims[2::4]) or kcs[0].shape[1] % 16:
+            return None
+        split = _stack_split(meta)
     return torch.ops.shoal.dense_decode_stack(x.contiguous(), norms, eps, weights, kinds, dims, biases, cos, sin,
                                               fb.positions, kcs, vcs, meta.slot_mapping, meta.block_tables,
-                                              meta.seq_lens, scale)
+                                              meta.seq_lens, scale, split)
+
+
+def _stack_split(meta: AttentionMetadata) -> list[torch.Tensor]:
+    """A prompt or mixed step's attention groups as `dense_decode_stack` takes them: those of
+    `_split_requests` (which `_prefill_attention` uses too), absent groups as empty tensors."""
+    first, second, _ = _split_requests(meta, True)
+    none = torch.zeros(0, dtype=torch.long)
+    first = first or (none, torch.zeros(0, 1, dtype=torch.long), none)
+    second = second or (torch.zeros(0, 1, dtype=torch.long), none, none, none)
+    return [*first, *second]
 
 
 def _stack_static(layers, caches: tuple) -> tuple | None:  # noqa: ANN001
@@ -474,8 +501,9 @@ def _stack_static(layers, caches: tuple) -> tuple | None:  # noqa: ANN001
 
 
 def dense_decoder_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """Decode steps: every layer in one C++ call where `_fused_decode_stack` applies; otherwise layer by
-    layer (each still one call where `_fused_decode_layer` applies)."""
+    """Every layer in one C++ call where `_fused_decode_stack` applies (decode steps; prompt and mixed
+    steps on CPUs without AMX); otherwise layer by layer (a decode step's layers each still one call
+    where `_fused_decode_layer` applies)."""
     out = _fused_decode_stack(layers, x, fb)
     return native.dense_decoder_stack(layers, x, fb) if out is None else out
 

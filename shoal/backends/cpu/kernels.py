@@ -14,6 +14,7 @@ was not built for.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -230,6 +231,17 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
 
 
+@functools.cache
+def prefill_attention_builtin() -> bool:
+    """The prompt attention kernel (kernels.c `prefill_attention_bf16`) is compiled in (AMX tiles or
+    AVX512-BF16): asked with no sequences, it answers 0, else -2."""
+    lib = library()
+    if lib is None:
+        return False
+    z = torch.zeros(1, dtype=torch.int64)
+    return lib.prefill_attention_bf16(*(z.data_ptr() for _ in range(8)), 0, 1, 1, 32, 16, 16, 1, 1.0, 1) == 0
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       q_start: torch.Tensor, q_len: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                       out: torch.Tensor) -> bool:
@@ -407,7 +419,7 @@ def _register_fakes() -> None:
           dims: list[int], qkv_biases: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
           positions: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
           slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+          scale: float, split: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
     @torch.library.register_fake("shoal::decode_attention")

@@ -37,6 +37,9 @@ void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const floa
 void store_rows(const void *src, int64_t src_stride, void *dst, const int64_t *slots, int64_t T, int64_t row_bytes,
                 int nthreads);
 void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int is_bf16, int nthreads);
+int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
+                           const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
+                           int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads);
 }
 
 namespace {
@@ -237,19 +240,27 @@ void packed_matmul(const at::Tensor &x, const at::Tensor *w, int64_t kind, at::T
 // num_kv_heads, head_dim, intermediate]; cos/sin: the rotary tables [max_position, head_dim / 2]
 // (fp32), gathered by positions.
 
-// What a decode step's layers share, checked and converted once: the rows' positions, cache slots,
-// block tables and lengths as int64, and the rotary rows of the positions ([2, b, head_dim / 2]).
+// What a step's layers share, checked and converted once: the rows' positions and cache slots, and
+// for a decode step (one row a sequence) the block tables and lengths, as int64; the rotary rows of
+// the positions ([2, b, head_dim / 2]). A prompt or mixed step (`split`, see dense_decode_stack)
+// instead gives its sequences' attention in two groups: the one-token ones (their rows, tables and
+// lengths: the decode kernel) and the rest (tables, first rows, row counts and lengths: the prompt
+// kernel).
 struct DecodeRows {
     at::Tensor pos, slots, tables, lens, cs;
     int64_t b = 0;
+    bool prefill = false;
+    at::Tensor s_rows, s_tables, s_lens, r_tables, r_start, r_len, r_lens;
+    int64_t ns = 0, nr = 0;
 };
 
 DecodeRows decode_rows(const at::Tensor &x, int64_t d, const at::Tensor &cos, const at::Tensor &sin,
                        const at::Tensor &positions, const at::Tensor &slot_mapping, const at::Tensor &block_tables,
-                       const at::Tensor &seq_lens, const char *op) {
+                       const at::Tensor &seq_lens, const char *op, at::TensorList split = {}) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), op,
                 ": x must be a contiguous bf16 CPU tensor [B, hidden]");
-    TORCH_CHECK(x.size(0) <= 96, op, ": at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
+    TORCH_CHECK(split.empty() || split.size() == 7, op, ": split needs 7 tensors (or none for a decode step)");
+    TORCH_CHECK(!split.empty() || x.size(0) <= 96, op, ": a decode step of at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
     TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == d / 2 && sin.sizes() == cos.sizes(),
@@ -261,9 +272,29 @@ DecodeRows decode_rows(const at::Tensor &x, int64_t d, const at::Tensor &cos, co
     r.tables = block_tables.to(at::kLong).contiguous();
     r.lens = seq_lens.to(at::kLong).contiguous();
     const int64_t b = r.b;
-    TORCH_CHECK(r.pos.numel() == b && r.slots.numel() == b && r.lens.numel() == b && r.tables.dim() == 2 &&
-                    r.tables.size(0) == b,
-                op, ": positions, slot_mapping, seq_lens and block_tables need one entry (row) per token");
+    TORCH_CHECK(r.pos.numel() == b && r.slots.numel() == b, op, ": positions and slot_mapping need one entry a row");
+    if (split.empty()) {
+        TORCH_CHECK(r.lens.numel() == b && r.tables.dim() == 2 && r.tables.size(0) == b, op,
+                    ": a decode step's seq_lens and block_tables need one entry (row) per token");
+    } else {
+        r.prefill = true;
+        at::Tensor *dst[7] = {&r.s_rows, &r.s_tables, &r.s_lens, &r.r_tables, &r.r_start, &r.r_len, &r.r_lens};
+        for (int i = 0; i < 7; i++) *dst[i] = split[i].to(at::kLong).contiguous();
+        r.ns = r.s_rows.numel(), r.nr = r.r_start.numel();
+        TORCH_CHECK(r.s_lens.numel() == r.ns && (r.ns == 0 || (r.s_tables.dim() == 2 && r.s_tables.size(0) == r.ns)) &&
+                        r.r_len.numel() == r.nr && r.r_lens.numel() == r.nr &&
+                        (r.nr == 0 || (r.r_tables.dim() == 2 && r.r_tables.size(0) == r.nr)),
+                    op, ": split: one row, table and length a one-token sequence; one table, first row, row count "
+                    "and length each other sequence");
+        const int64_t *sr = r.s_rows.data_ptr<int64_t>(), *sl = r.s_lens.data_ptr<int64_t>();
+        for (int64_t i = 0; i < r.ns; i++)
+            TORCH_CHECK(sr[i] >= 0 && sr[i] < b && sl[i] >= 1, op, ": split: one-token row ", sr[i], " out of range");
+        const int64_t *q0 = r.r_start.data_ptr<int64_t>(), *qn = r.r_len.data_ptr<int64_t>(),
+                      *rl = r.r_lens.data_ptr<int64_t>();
+        for (int64_t i = 0; i < r.nr; i++)
+            TORCH_CHECK(q0[i] >= 0 && qn[i] >= 1 && q0[i] + qn[i] <= b && rl[i] >= qn[i], op,
+                        ": split: rows ", q0[i], " + ", qn[i], " of a sequence out of range");
+    }
     const int64_t npos = cos.size(0), *pp = r.pos.data_ptr<int64_t>();
     for (int64_t i = 0; i < b; i++) TORCH_CHECK(pp[i] >= 0 && pp[i] < npos, op, ": position ", pp[i], " out of range");
     r.cs = at::empty({2, b, d / 2}, cos.options());
@@ -331,12 +362,38 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor &x, const at::T
     store_rows(k.data_ptr(), kvd * 2, k_cache.data_ptr(), sp, b, kvd * 2, nt);
     store_rows(qkv_p + qd + kvd, qkv_n * 2, v_cache.data_ptr(), sp, b, kvd * 2, nt);
     auto attn = at::empty({b, hq * d}, opts);
-    const int rc = paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                          r.tables.data_ptr<int64_t>(), r.lens.data_ptr<int64_t>(), attn.data_ptr(),
-                                          static_cast<int>(b), static_cast<int>(hq), static_cast<int>(hkv),
-                                          static_cast<int>(d), static_cast<int>(d), static_cast<int>(k_cache.size(1)),
-                                          static_cast<int>(r.tables.size(1)), static_cast<float>(scale), 1, nt);
-    TORCH_CHECK(rc == 0, op, ": scratch allocation failed");
+    const int bs = static_cast<int>(k_cache.size(1));
+    if (!r.prefill) {
+        const int rc = paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                              r.tables.data_ptr<int64_t>(), r.lens.data_ptr<int64_t>(), attn.data_ptr(),
+                                              static_cast<int>(b), static_cast<int>(hq), static_cast<int>(hkv),
+                                              static_cast<int>(d), static_cast<int>(d), bs,
+                                              static_cast<int>(r.tables.size(1)), static_cast<float>(scale), 1, nt);
+        TORCH_CHECK(rc == 0, op, ": scratch allocation failed");
+    } else {
+        // as the platform's paged_attention for prompt and mixed steps: the one-token sequences
+        // together through the decode kernel, the others through the prompt kernel
+        if (r.ns) {
+            auto qs = q.index_select(0, r.s_rows);
+            auto os = at::empty({r.ns, hq, d}, opts);
+            const int rc = paged_decode_attention(qs.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                                  r.s_tables.data_ptr<int64_t>(), r.s_lens.data_ptr<int64_t>(),
+                                                  os.data_ptr(), static_cast<int>(r.ns), static_cast<int>(hq),
+                                                  static_cast<int>(hkv), static_cast<int>(d), static_cast<int>(d), bs,
+                                                  static_cast<int>(r.s_tables.size(1)), static_cast<float>(scale), 1, nt);
+            TORCH_CHECK(rc == 0, op, ": scratch allocation failed");
+            attn.view({b, hq, d}).index_copy_(0, r.s_rows, os);
+        }
+        if (r.nr) {
+            const int rc = prefill_attention_bf16(
+                q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), r.r_tables.data_ptr<int64_t>(),
+                r.r_start.data_ptr<int64_t>(), r.r_len.data_ptr<int64_t>(), r.r_lens.data_ptr<int64_t>(), attn.data_ptr(),
+                static_cast<int>(r.nr), static_cast<int>(hq), static_cast<int>(hkv), static_cast<int>(d),
+                static_cast<int>(d), bs, static_cast<int>(r.r_tables.size(1)), static_cast<float>(scale), nt);
+            TORCH_CHECK(rc != -1, op, ": scratch allocation failed");
+            TORCH_CHECK(rc == 0, op, ": the prompt attention kernel does not run here (kernels.prefill_attention_builtin)");
+        }
+    }
     auto o = at::empty({b, hid}, opts);
     packed_matmul(attn, &weights[3], kinds[1], o, nt);
     auto h2 = at::empty({b, hid}, opts), res2 = at::empty({b, hid}, opts);
@@ -385,11 +442,15 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
 // post-attention), weights[12L .. 12L + 12), kinds[4L .. 4L + 4), dims[4L .. 4L + 4), qkv_biases[L]
 // (an empty list when no layer has one), k_caches[L], v_caches[L]; cos/sin and the rows' inputs are
 // the step's. x: the embedded tokens; → (the last layer's MLP output, the residual stream before it).
+// A prompt or mixed step (any row count; only where every projection takes quant_gemm_vnni, as the
+// platform's quant_linear runs prompt rows on CPUs without AMX) gives `split`, the attention's two
+// groups (DecodeRows): [one-token rows, their tables, their lengths, the other sequences' tables,
+// first rows, row counts, lengths]; block_tables and seq_lens are then not read.
 std::tuple<at::Tensor, at::Tensor> dense_decode_stack_op(
     const at::Tensor &x, at::TensorList norms, double eps, at::TensorList weights, at::IntArrayRef kinds,
     at::IntArrayRef dims, at::TensorList qkv_biases, const at::Tensor &cos, const at::Tensor &sin,
     const at::Tensor &positions, at::TensorList k_caches, at::TensorList v_caches, const at::Tensor &slot_mapping,
-    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale) {
+    const at::Tensor &block_tables, const at::Tensor &seq_lens, double scale, at::TensorList split) {
     const char *op = "dense_decode_stack";
     const int64_t nl = static_cast<int64_t>(k_caches.size());
     TORCH_CHECK(nl > 0, op, ": no layers");
@@ -398,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_stack_op(
                     static_cast<int64_t>(v_caches.size()) == nl &&
                     (qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == nl),
                 op, ": per layer 2 norms, 12 weights, 4 kinds, 4 dims, a K and a V cache (and a q/k/v bias or none)");
-    const DecodeRows r = decode_rows(x, dims[2], cos, sin, positions, slot_mapping, block_tables, seq_lens, op);
+    const DecodeRows r = decode_rows(x, dims[2], cos, sin, positions, slot_mapping, block_tables, seq_lens, op, split);
     for (int64_t l = 0; l < nl; l++)
         check_decode_layer(r, x.size(1), norms[2 * l], norms[2 * l + 1], &weights[12 * l], &kinds[4 * l], &dims[4 * l],
                            k_caches[l], v_caches[l], op);
@@ -443,7 +504,7 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
           "float scale) -> (Tensor, Tensor)");
     m.def("dense_decode_stack(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] kinds, int[] dims, "
           "Tensor[] qkv_biases, Tensor cos, Tensor sin, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-          "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale) -> (Tensor, Tensor)");
+          "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale, Tensor[] split) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
