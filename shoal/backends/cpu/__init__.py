@@ -449,7 +449,7 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
     if not (rows <= kernels.QUANT_GEMM_MAX_ROWS if decode
             else not compiling and int8_prompts() and kernels.prefill_attention_builtin()):
         return None
-    key = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
+    key = _layer_caches(layers)
     hit = None if compiling else layers.__dict__.get("_shoal_stack")
     if hit is None or len(hit[0]) != len(key) or any(a is not c or b is not d for (a, b), (c, d) in zip(hit[0], key)):
         hit = (key, _stack_static(layers, key))
@@ -468,6 +468,11 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
     return torch.ops.shoal.dense_decode_stack(x.contiguous(), norms, eps, weights, kinds, dims, biases, cos, sin,
                                               fb.positions, kcs, vcs, meta.slot_mapping, meta.block_tables,
                                               meta.seq_lens, scale, split)
+
+
+def _layer_caches(layers) -> tuple:  # noqa: ANN001
+    """Each layer's (K cache, V cache): what `dense_decode_stack`'s arguments are kept for."""
+    return tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
 
 
 def _stack_split(meta: AttentionMetadata) -> list[torch.Tensor]:
@@ -564,8 +569,7 @@ class CpuPlatform(Platform):
                 and kernels.torch_ops()):
             return False
         try:
-            caches = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
-            st = _stack_static(layers, caches)
+            st = _stack_static(layers, _layer_caches(layers))
         except AttributeError:  # not a Llama-family decoder layer (MLA, MoE)
             return False
         return st is not None and (max_rows <= PACKED_MAX_ROWS or st[1])

@@ -269,11 +269,11 @@ DecodeRows decode_rows(const at::Tensor &x, int64_t d, const at::Tensor &cos, co
     r.b = x.size(0);
     r.pos = positions.to(at::kLong).contiguous();
     r.slots = slot_mapping.to(at::kLong).contiguous();
-    r.tables = block_tables.to(at::kLong).contiguous();
-    r.lens = seq_lens.to(at::kLong).contiguous();
     const int64_t b = r.b;
     TORCH_CHECK(r.pos.numel() == b && r.slots.numel() == b, op, ": positions and slot_mapping need one entry a row");
     if (split.empty()) {
+        r.tables = block_tables.to(at::kLong).contiguous();
+        r.lens = seq_lens.to(at::kLong).contiguous();
         TORCH_CHECK(r.lens.numel() == b && r.tables.dim() == 2 && r.tables.size(0) == b, op,
                     ": a decode step's seq_lens and block_tables need one entry (row) per token");
     } else {
@@ -329,7 +329,7 @@ void check_decode_layer(const DecodeRows &r, int64_t hid, const at::Tensor &in_n
     for (int64_t i = 0; i < r.b; i++) TORCH_CHECK(sp[i] >= 0 && sp[i] < nslots, op, ": cache slot ", sp[i], " out of range");
 }
 
-// the layer itself (arguments checked): → (its MLP output, the residual stream before it)
+// the layer itself (arguments checked, residual included): → (its MLP output, the residual stream before it)
 std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor &x, const at::Tensor *residual,
                                                 const at::Tensor &in_norm, const at::Tensor &post_norm, float eps,
                                                 const at::Tensor *weights, const int64_t *kinds, const int64_t *dims,
@@ -342,8 +342,6 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(const at::Tensor &x, const at::T
     auto h = at::empty({b, hid}, opts), res = at::empty({b, hid}, opts);
     if (b == 0) return {h, res};
     if (residual) {
-        TORCH_CHECK(residual->scalar_type() == at::kBFloat16 && residual->sizes() == x.sizes() &&
-                        residual->is_contiguous(), op, ": residual must match x");
         add_rms_norm(x.data_ptr(), hid, residual->data_ptr(), hid, in_norm.data_ptr(), h.data_ptr(), res.data_ptr(), b,
                      static_cast<int>(hid), eps, 1, wb, nt);
     } else {
@@ -432,6 +430,10 @@ std::tuple<at::Tensor, at::Tensor> dense_decode_layer_op(
     const DecodeRows r = decode_rows(x, dims[2], cos, sin, positions, slot_mapping, block_tables, seq_lens, op);
     check_decode_layer(r, x.size(1), in_norm, post_norm, weights.data(), kinds.data(), dims.data(), k_cache, v_cache, op);
     const bool has_res = residual.has_value() && residual->defined(), has_bias = qkv_bias.has_value() && qkv_bias->defined();
+    // (the stack's layers take the residual the layer before made)
+    TORCH_CHECK(!has_res || (residual->scalar_type() == at::kBFloat16 && residual->sizes() == x.sizes() &&
+                             residual->is_contiguous()),
+                op, ": residual must match x");
     return decode_layer(x, has_res ? &*residual : nullptr, in_norm, post_norm, static_cast<float>(eps), weights.data(),
                         kinds.data(), dims.data(), has_bias ? &*qkv_bias : nullptr, k_cache, v_cache, r, scale, op);
 }
