@@ -21,47 +21,72 @@ import torch.nn.functional as F
 
 from shoal.backends import native
 from shoal.backends.base import Platform
-from shoal.backends.cpu import kernels
+from shoal.backends.cpu import isa, kernels, routing
 from shoal.executor.forward_batch import AttentionMetadata
 
 
+def _weight_class(qweight) -> str:  # noqa: ANN001 — a layers.quant.QuantizedWeight
+    """The weight's kind as routing.packed_form names it (the fp16 check once per weight)."""
+    if hasattr(qweight, "qweight"):
+        return "int8"
+    if not hasattr(qweight, "codes"):
+        return "other"
+    if qweight.group_size != 32:
+        return "int4-other"
+    wide = qweight.kernel_cache.get("cpu-int4-wide")
+    if wide is None:
+        offs = qweight.zeros.float() - 8 * qweight.scales.float()
+        wide = qweight.kernel_cache["cpu-int4-wide"] = max(qweight.scales.abs().max().item(),
+                                                          offs.abs().max().item()) >= kernels.F16_MAX
+    return "int4-wide" if wide else "int4"
+
+
+def _caps() -> routing.Caps:
+    return routing.Caps(amx=kernels.amx_gemm(), simd=kernels.gemv_fast(), ops=kernels.torch_ops(),
+                        int8_prompts=_int8_prompts, onednn_bf16=_onednn_bf16(),
+                        compiling=torch.compiler.is_compiling())
+
+
+def _onednn_bf16() -> bool:
+    """oneDNN's bf16 matmul and weight prepacking run here: torch refuses them below AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT, so they follow the tier in use (SHOAL_CPU_ISA=avx2 on an AVX-512 CPU takes
+    the AVX2 CPU's paths)."""
+    t = kernels.tier() or isa.best_tier()
+    return torch.backends.mkldnn.is_available() and isa.at_least(t, "avx512")
+
+
 def _gemv_packed(qweight):  # noqa: ANN001, ANN202
-    """qgemv.c's layout, when its VNNI kernel and its torch operator are built here: the row layout
-    where the CPU has AMX (the GEMV for few rows, the AMX kernels for more), else the column layout
-    (kernels.to_columns; quant_gemm_vnni for every row count, measured faster than the GEMV from one
-    row: the default model's 30 layers at 1 row 2.10 vs 2.81 ms, at 8 rows 3.0 vs 7.5) where the
-    output width is a multiple of 16."""
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        return None
+    """qgemv.c's layout: the row layout where the CPU has AMX (the GEMV for few rows, the AMX kernels
+    for more), else the column layout (kernels.to_columns; quant_gemm_vnni for every row count,
+    measured faster than the GEMV from one row: the default model's 30 layers at 1 row 2.10 vs
+    2.81 ms, at 8 rows 3.0 vs 7.5, AVX-512 EPYC) where the output width is a multiple of 16."""
     if hasattr(qweight, "qweight"):
         kind, rp = 8, kernels.repack_int8(qweight.qweight, qweight.scales)
-    elif hasattr(qweight, "codes") and qweight.group_size == 32:
+    else:
         kind, rp = 4, kernels.repack_int4(qweight.codes, qweight.scales, qweight.zeros)
         if rp is None:
             return None
-    else:
-        return None
     if not kernels.amx_gemm() and qweight.out_features % 16 == 0:
         rp, kind = kernels.to_columns(rp, kind)
     return ("gemv", kind, rp)
 
 
 def _packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202 — a layers.quant.QuantizedWeight
-    """The weight in a packed CPU kernel's layout, built once per activation dtype (during warm-up)
-    and kept on the weight:
-    - ("gemv", kind, tensors): shoal's VNNI kernel (qgemv.c, int8 activations per group of 32), for
-      bf16 when it is built for this CPU as a torch operator — the form a compiled step calls cheaply;
+    """The weight in a packed CPU kernel's layout (routing.packed_form), built once per activation
+    dtype (during warm-up) and kept on the weight:
+    - ("gemv", kind, tensors): shoal's kernels (qgemv.c, int8 activations per group of 32), for bf16
+      where its SIMD tiles are built for this CPU as torch operators;
     - ("int8", q, scales) / ("int4", packed, scales_and_zeros, group): torch's packed kernels;
     - None when no kernel takes this shape."""
     key = ("cpu", dtype)
     hit = qweight.kernel_cache.get(key)
     if hit is not None or key in qweight.kernel_cache:
         return hit
-    # bf16 only: the kernel rounds activations to int8 (as llama.cpp does), which float32 — the exact
-    # reference mode, held to 1e-4 by the conformance suite — must not
-    out = _gemv_packed(qweight) if dtype == torch.bfloat16 else None
-    qweight.kernel_cache[key] = out if out is not None else _torch_packed(qweight, dtype)
-    return qweight.kernel_cache[key]
+    form = routing.packed_form(str(dtype).removeprefix("torch."), _caps(), _weight_class(qweight),
+                               qweight.out_features)
+    out = _gemv_packed(qweight) if form == "gemv" else _torch_packed(qweight, dtype) if form else None
+    qweight.kernel_cache[key] = out
+    return out
 
 
 def _torch_packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202
@@ -78,10 +103,7 @@ def _torch_packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202
     return None
 
 
-# Above this many rows a dense bf16 matmul (AMX through oneDNN) beats the packed kernels, which
-# are tuned for matrix-vector work (measured here: 4 rows about equal, 16 rows dense 2x faster,
-# 512 rows 9x).
-PACKED_MAX_ROWS = 8
+PACKED_MAX_ROWS = routing.PACKED_MAX_ROWS
 
 
 def _dense(qweight, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
@@ -113,7 +135,7 @@ def _panels(qweight, k: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 def _dense_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
     """x @ W^T on the dequantized weight. Eagerly, bf16 goes through a oneDNN-prepacked copy of the
     weight (AMX layout; a plain weight is reordered on every call: 1.6x slower at 32 rows)."""
-    if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available():
+    if x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and _onednn_bf16():
         key = ("cpu-mkldnn", x.dtype)
         pw = qweight.kernel_cache.get(key)
         if pw is None:
@@ -161,27 +183,25 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
       oneDNN's bf16 matmul, and no dense copy of the weight is kept);
     - otherwise a dense matmul on the dequantized weight (oneDNN, prepacked)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return native.quant_linear(x, qweight, bias)
     rows, n, k = x2.shape[0], qweight.out_features, x2.shape[1]
-    batched = rows > PACKED_MAX_ROWS
-    if (kernels.QUANT_GEMM_MAX_ROWS < rows <= kernels.PANEL_GEMM_MAX_ROWS and x.dtype == torch.bfloat16
-            and not torch.compiler.is_compiling()):
+    route = routing.linear_kernel(rows, str(x.dtype).removeprefix("torch."), n, k, _caps(), _weight_class(qweight))
+    if route == "native":
+        return native.quant_linear(x, qweight, bias)
+    if route == "panel_gemm":
         panels = _panels(qweight, k)
         if panels is not None:
             y = torch.ops.shoal.panel_gemm(x2.contiguous(), panels[0], panels[1], n).reshape(*x.shape[:-1], n)
             return y if bias is None else y + bias
-    if batched and not (x.dtype == torch.bfloat16 and (rows <= kernels.QUANT_GEMM_MAX_ROWS or int8_prompts())):
-        return _dense_linear(x, qweight, bias)
-    kern = _packed(qweight, x.dtype)
-    if kern is None or (batched and not (kern[0] == "gemv" and kernels.quant_gemm_supported(n, k))):
+        route = "dense_onednn"
+    kern = None if route.startswith("dense") else _packed(qweight, x.dtype)
+    if kern is None:  # also torch's int4 packing refusing the weight
         return _dense_linear(x, qweight, bias)
     x2 = x2.contiguous()
-    if batched:
+    if route == "quant_gemm":
         y = torch.ops.shoal.quant_gemm(x2, *kern[2], kern[1], n)
-    elif kern[0] == "gemv":
+    elif route == "packed_matmul":
         y = kernels.packed_matmul(x2, kern[2], kern[1], n)
-    elif kern[0] == "int8":
+    elif route == "torch_int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, kern[1], kern[2])
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, kern[1], kern[3], kern[2])
@@ -530,17 +550,6 @@ def _meminfo() -> tuple[int, int]:
         return 0, 0
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
@@ -588,8 +597,14 @@ class CpuPlatform(Platform):
         return _meminfo()
 
     def has_fast_bf16(self) -> bool:
-        flags = _cpu_flags()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+        """bf16 is the fast dtype here (what dtype `auto` picks): shoal's kernels are built for a SIMD
+        tier (avx2 and up) with their torch operators. bf16 is then the storage between kernels (the
+        activations, the KV cache); the arithmetic is each tier's own: AMX and AVX512-BF16 tiles, or
+        fp32 FMAs on widened bf16 and int8 dot products (VNNI, or AVX2's vpmaddubsw) against the
+        quantized weights. Without them (the generic tier, no compiler) float32: torch's own fp32
+        kernels beat bf16 emulated in scalar code."""
+        t = kernels.tier()
+        return t is not None and isa.at_least(t, "avx2") and kernels.torch_ops()
 
     def default_dtype(self) -> torch.dtype:
         return torch.float32
@@ -598,7 +613,9 @@ class CpuPlatform(Platform):
         out = super().library_versions()
         out["threads"] = str(torch.get_num_threads())
         out["onednn"] = "yes" if torch.backends.mkldnn.is_available() else "no"
-        out["fast bf16 (avx512_bf16/amx)"] = "yes" if self.has_fast_bf16() else "no"
+        out["cpu tiers"] = ", ".join(isa.cpu_tiers())
+        out["kernel tier"] = kernels.tier() or "none (plain torch)"
+        out["bf16 fast (dtype auto)"] = "yes" if self.has_fast_bf16() else "no"
         return out
 
     def physical_cores(self) -> int:

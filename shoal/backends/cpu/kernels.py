@@ -1,189 +1,123 @@
-"""shoal's own CPU kernels (kernels.c, qgemv.c): compiled on first use with the system C compiler,
-cached on disk and called through ctypes. When a C++ compiler and torch's headers are present,
-ops.cpp is linked in too and registers `shoal::quant_gemv`, `shoal::quant_gemm` and
-`shoal::decode_attention` as C++ torch operators, which a compiled graph's C++ wrapper calls
-without a trip through Python.
+"""shoal's own CPU kernels (kernels.c, qgemv.c), one library per ISA tier (isa.py, built by build.py at
+install or on first use), called through the entry library (dispatch.c: the kernels' symbols,
+forwarding to the tier loaded). When a C++ compiler and torch's headers are present the entry library
+also holds ops.cpp, which registers `shoal::quant_gemv`, `shoal::quant_gemm`, `shoal::decode_attention`
+and the fused layer ops as C++ torch operators, which a compiled graph's C++ wrapper calls without a
+trip through Python; the rest is called through ctypes.
 Everything here has a plain-torch twin; when no compiler is found (or `SHOAL_CPU_KERNELS=0`) the
 twin runs instead, after one log line saying why.
-
-Building takes about a second for the C sources (`cc -O3 -march=native -fopenmp`) and ~10 s with the
-C++ bindings; the library is cached under `$SHOAL_CACHE_DIR` (default `~/.cache/shoal`) keyed by the
-sources, the compilers, torch's version and the CPU flags, so a copied cache never runs on a CPU it
-was not built for.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from shoal.backends.cpu import build, isa
+from shoal.backends.cpu.routing import (GEMV_MAX_ROWS, PANEL_GEMM_MAX_ROWS, QUANT_GEMM_MAX_ROWS,  # noqa: F401
+                                        STORE_KV_MIN_ROWS)
+
 log = logging.getLogger("shoal")
 
 _DIR = Path(__file__).parent
-_C_SOURCES = ("kernels.c", "qgemv.c")
-_C_HEADERS = ("scalar.h", "amx.h", "worksplit.h")
-_CXX_SOURCE = "ops.cpp"  # the torch-operator registrations (C++ against torch's headers)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _cxx_ops = False  # ops.cpp built and loaded: torch.ops.shoal.quant_gemv / quant_gemm / decode_attention exist
-_amx_gemm = False  # quant_gemm_amx compiled in and AMX granted to this process (asked once, at load)
-_gemv_fast = False  # qgemv.c's VNNI paths compiled in (asked once, at load)
+_amx_gemm = False  # quant_gemm_amx compiled in and AMX granted to this process (asked once a tier, at load)
+_gemv_fast = False  # qgemv.c's SIMD paths (AVX-512 VNNI or AVX2) compiled in (asked once a tier, at load)
+_tier: str | None = None  # the tier whose library the entry library forwards to
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SHOAL_CACHE_DIR") or Path.home() / ".cache" / "shoal") / "kernels"
+    return build.cache_dir()
 
 
-def _cpu_flags_line() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
-def _version(tool: str) -> str | None:
-    try:
-        return subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _run(cmd: list[str]) -> str | None:
-    """Run a build command; None on success, else its error text."""
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    return None if p.returncode == 0 else (p.stderr or p.stdout)[-2000:]
-
-
-def _cxx_command(cxx: str, objects: list[str], out: str) -> list[str]:
-    from torch.utils import cpp_extension
-
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    includes = [f"-I{d}" for d in cpp_extension.include_paths()]
-    libdirs = cpp_extension.library_paths()
-    return [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
-            *includes, str(_DIR / _CXX_SOURCE), *objects, "-o", out,
-            *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu", "-lm"]
-
-
-def _build(cc: str, cc_version: str, tmpdir: str) -> tuple[Path, bool] | None:
-    """Compile the C sources and, when a C++ compiler and torch's headers are present, link them with
-    ops.cpp into one library that also registers torch operators. Returns (library, has_ops)."""
-    srcs = b"".join((_DIR / f).read_bytes() for f in (*_C_SOURCES, *_C_HEADERS, _CXX_SOURCE))
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    cxx_version = (_version(cxx) if cxx and os.environ.get("SHOAL_CPU_TORCH_OPS", "1") != "0" else None) or ""
-    key = hashlib.sha256(srcs + cc_version.encode() + cxx_version.encode() + torch.__version__.encode()
-                         + _cpu_flags_line().encode()).hexdigest()[:16]
-    for has_ops in ((True, False) if cxx_version else (False,)):
-        out = cache_dir() / f"shoal_cpu_{key}{'_ops' if has_ops else ''}.so"
-        if out.exists():
-            return out, has_ops
-    out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    objects = []
-    for f in _C_SOURCES:
-        obj = os.path.join(tmpdir, f + ".o")
-        # fp-contract off: no fused multiply-adds where the kernels reproduce torch's per-op rounding
-        err = _run([cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-c", str(_DIR / f), "-o", obj])
-        if err is not None:
-            log.warning("compiling shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
-            return None
-        objects.append(obj)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # renamed into place once linked
-    os.close(fd)
-    has_ops = False
-    if cxx_version:
-        log.info("building shoal's CPU kernels with torch operator bindings (once, ~10 s)")
-        err = _run(_cxx_command(cxx, objects, tmp))  # type: ignore[arg-type]
-        has_ops = err is None
-        if not has_ops:
-            log.warning("building shoal's torch operator bindings failed (compiled graphs call the kernels "
-                        "through Python instead)\n%s", err)
-    if not has_ops:
-        err = _run([cc, "-shared", "-fopenmp", *objects, "-o", tmp, "-lm"])
-        if err is not None:
-            os.unlink(tmp)
-            log.warning("linking shoal's CPU kernels failed: plain-torch ops run instead\n%s", err)
-            return None
-    out = out_dir / f"shoal_cpu_{key}{'_ops' if has_ops else ''}.so"
-    os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
-    return out, has_ops
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    sig = {
+        "paged_decode_attention": (i32, [vp] * 6 + [i32] * 7 + [f32, i32, i32]),
+        "rms_norm": (None, [vp, i64, vp, vp, i64, i32, f32, i32, i32, i32]),
+        "add_rms_norm": (None, [vp, i64, vp, i64, vp, vp, vp, i64, i32, f32, i32, i32, i32]),
+        "rotary": (None, [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]),
+        "silu_and_mul": (None, [vp, i64, vp, i64, i32, i32, i32]),
+        "argmax_rows": (None, [vp, i64, i64, i64, i32, vp, i32]),
+        "store_rows": (None, [vp, i64, vp, vp, i64, i64, i32]),
+        "quant_gemv": (i32, [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]),
+        "qgemv_fast": (i32, []),
+        "qgemv_set_prefetch": (i32, [i32]),
+        "quant_gemm_amx": (i32, [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]),
+        "quant_gemm_amx_available": (i32, []),
+        "prefill_attention_bf16": (i32, [vp] * 8 + [i32] * 7 + [f32, i32]),
+        "shoal_load_tier": (i32, [ctypes.c_char_p]),
+        "shoal_tier_error": (ctypes.c_char_p, []),
+    }
+    for name, (res, args) in sig.items():
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
 
 
 def _compile() -> ctypes.CDLL | None:
-    global _cxx_ops, _amx_gemm, _gemv_fast
+    """Load the entry library and the best tier this CPU runs (building what is not cached)."""
+    global _cxx_ops
     if os.environ.get("SHOAL_CPU_KERNELS", "1") == "0":
         log.info("shoal CPU kernels disabled (SHOAL_CPU_KERNELS=0): plain-torch ops run instead")
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
+    tier = isa.best_tier()  # a bad SHOAL_CPU_ISA is an error before anything is built
+    cc = build.c_compiler()
+    if cc is None:
         log.warning("no C compiler found (set CC): shoal's CPU kernels are off, plain-torch ops run instead")
         return None
-    cc_version = _version(cc)
-    if cc_version is None:
-        log.warning("C compiler %s does not run: shoal's CPU kernels are off", cc)
+    cxx = build.cxx_compiler()
+    path, _ = build.entry_path(cc, cxx)
+    if not path.exists() or not build.tier_path(tier, cc).exists():
+        log.info("building shoal's CPU kernels (once; `make install` builds them ahead)")
+    entry = build.build_entry(cc, cxx)
+    if isinstance(entry, str):
+        log.warning("building shoal's CPU kernels failed: plain-torch ops run instead\n%s", entry)
         return None
-    with tempfile.TemporaryDirectory() as tmpdir:
-        built = _build(cc, cc_version, tmpdir)
-    if built is None:
-        return None
-    path, has_ops = built
+    path, has_ops = entry
     if has_ops:
         try:
-            torch.ops.load_library(str(path))  # registers shoal::quant_gemv and shoal::decode_attention
+            torch.ops.load_library(str(path))  # registers the shoal:: operators
             _register_fakes()
             _cxx_ops = True
         except (OSError, RuntimeError) as exc:
             log.warning("loading shoal's torch operator bindings failed (%s)", exc)
     lib = ctypes.CDLL(str(path))
-    f = lib.paged_decode_attention
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rms_norm.restype = None
-    lib.rms_norm.argtypes = [vp, i64, vp, vp, i64, i32, ctypes.c_float, i32, i32, i32]
-    lib.add_rms_norm.restype = None
-    lib.add_rms_norm.argtypes = [vp, i64, vp, i64, vp, vp, vp, i64, i32, ctypes.c_float, i32, i32, i32]
-    lib.rotary.restype = None
-    lib.rotary.argtypes = [vp, i64, i64, vp, vp, vp, i64, i32, i32, i32, i32, i32]
-    lib.silu_and_mul.restype = None
-    lib.silu_and_mul.argtypes = [vp, i64, vp, i64, i32, i32, i32]
-    lib.argmax_rows.restype = None
-    lib.argmax_rows.argtypes = [vp, i64, i64, i64, i32, vp, i32]
-    lib.store_rows.restype = None
-    lib.store_rows.argtypes = [vp, i64, vp, vp, i64, i64, i32]
-    lib.quant_gemv.restype = i32
-    lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
-    lib.qgemv_fast.restype = i32
-    lib.qgemv_fast.argtypes = []
-    lib.qgemv_set_prefetch.restype = i32
-    lib.qgemv_set_prefetch.argtypes = [i32]
-    lib.quant_gemm_amx.restype = i32
-    lib.quant_gemm_amx.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32]
-    lib.quant_gemm_amx_available.restype = i32
-    lib.quant_gemm_amx_available.argtypes = []
-    lib.prefill_attention_bf16.restype = i32
-    lib.prefill_attention_bf16.argtypes = [vp] * 8 + [i32] * 7 + [ctypes.c_float, i32]
+    _declare(lib)
+    if not _load_tier(lib, tier, cc):
+        return None
+    return lib
+
+
+def _load_tier(lib: ctypes.CDLL, tier: str, cc: tuple[str, str] | None = None) -> bool:
+    """Point the entry library at `tier`'s library (building it when it is not cached) and read what
+    that tier's kernels can do."""
+    global _tier, _amx_gemm, _gemv_fast
+    cc = cc or build.c_compiler()
+    built = build.build_tier(tier, cc) if cc else "no C compiler"
+    if isinstance(built, str):
+        log.warning("building shoal's %s CPU kernels failed: plain-torch ops run instead\n%s", tier, built)
+        return False
+    rc = lib.shoal_load_tier(str(built).encode())
+    if rc != 0:
+        log.warning("loading shoal's %s CPU kernels failed (%s): plain-torch ops run instead", tier,
+                    lib.shoal_tier_error().decode(errors="replace"))
+        return False
+    _tier = tier
     _amx_gemm = bool(lib.quant_gemm_amx_available())
     _gemv_fast = bool(lib.qgemv_fast())
-    return lib
+    prefill_attention_builtin.cache_clear()
+    return True
 
 
 def library() -> ctypes.CDLL | None:
@@ -192,9 +126,40 @@ def library() -> ctypes.CDLL | None:
     if not _tried:
         with _lock:
             if not _tried:
-                _lib = _compile()
-                _tried = True
+                try:
+                    _lib = _compile()
+                finally:
+                    _tried = True
     return _lib
+
+
+def tier() -> str | None:
+    """The ISA tier whose kernels run (isa.TIERS), or None when the kernels are off."""
+    return _tier if library() is not None else None
+
+
+def set_tier(name: str) -> None:
+    """Run `name`'s kernels from now on in this process (one of the CPU's tiers: isa.cpu_tiers).
+    For tests and benchmarks that compare tiers; weights already repacked for another tier's
+    layouts keep them, so use fresh weights after a switch."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("shoal's CPU kernels are not built here")
+    isa.best_tier(cap=name)  # a tier this CPU lacks is a ValueError naming the ones it has
+    if not _load_tier(lib, name):
+        raise RuntimeError(f"shoal's {name} CPU kernels did not build or load (see the log)")
+
+
+@contextlib.contextmanager
+def use_tier(name: str) -> Iterator[None]:
+    """`set_tier(name)` for the duration of a block, then back to the tier before."""
+    before = tier()
+    set_tier(name)
+    try:
+        yield
+    finally:
+        if before is not None:
+            set_tier(before)
 
 
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -233,8 +198,8 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table
 
 @functools.cache
 def prefill_attention_builtin() -> bool:
-    """The prompt attention kernel (kernels.c `prefill_attention_bf16`) is compiled in (AMX tiles or
-    AVX512-BF16): asked with no sequences, it answers 0, else -2."""
+    """The prompt attention kernel (kernels.c `prefill_attention_bf16`) is compiled into the tier in
+    use: asked with no sequences, it answers 0, else -2."""
     lib = library()
     if lib is None:
         return False
@@ -343,9 +308,6 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-STORE_KV_MIN_ROWS = 64
-
-
 def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> bool:
     """The C row copy into the paged cache for an eager step of STORE_KV_MIN_ROWS rows or more (a
     prompt chunk); False when it does not apply (the caller runs the torch form): fewer rows (the
@@ -433,21 +395,11 @@ def torch_ops() -> bool:
     return library() is not None and _cxx_ops
 
 
-# rows the AMX kernel (qgemv.c quant_gemm_amx) takes: six 16-row accumulator tiles at most (the other two
-# tiles hold a weight and an activation tile). 65-96 rows (a mixed step's decode rows plus a prompt's
-# tail) were panel_gemm's: the default model's gate/up at 80 rows 9.1 → 5.9 ms
-QUANT_GEMM_MAX_ROWS = 96
-# more rows, up to this many, go through panel_gemm; above it oneDNN's prepacked bf16 matmul was faster
-# (the default model's 30 layers: 512 rows 88 vs 110-120 ms, 1024 rows 144-156 vs 199-207 ms, 2048 rows
-# 289-301 vs 255-264 ms)
-PANEL_GEMM_MAX_ROWS = 1536
-
-
 def quant_gemm_supported(n: int, k: int) -> bool:
     """The batched kernel for int4/int8 weights × bf16 rows (`shoal::quant_gemm`) runs here for an
     [n, k] weight: built as a torch operator, n a multiple of 16, and either AMX-BF16 granted to this
-    process (qgemv.c quant_gemm_amx, k even) or AVX512-VNNI compiled in (quant_gemm_vnni, int8
-    activations: the CPUs without AMX)."""
+    process (qgemv.c quant_gemm_amx, k even) or quant_gemm_vnni's SIMD tiles compiled into the tier in
+    use (int8 activations: AVX-512 VNNI or AVX2, the CPUs without AMX)."""
     return (library() is not None and _cxx_ops and n % 16 == 0 and k > 0
             and (k % 2 == 0 if _amx_gemm else gemv_fast()))
 
@@ -489,7 +441,7 @@ def _groups_padded(t: torch.Tensor, kp: int) -> torch.Tensor:
     return out
 
 
-_F16_MAX = 65504.0
+F16_MAX = 65504.0
 
 
 def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -499,7 +451,7 @@ def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     n = codes.shape[0]
     q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # [N, K] in 0..15
     offs = zeros.float() - 8 * scales.float()
-    if max(scales.abs().max().item(), offs.abs().max().item()) >= _F16_MAX:
+    if max(scales.abs().max().item(), offs.abs().max().item()) >= F16_MAX:
         return None
     lanes = _lane_order(q, 0)
     kp = lanes.shape[1]
@@ -552,9 +504,6 @@ def to_columns(packed: tuple[torch.Tensor, ...], kind: int) -> tuple[tuple[torch
     return (cols, by_group(w1), by_group(w2)), kind | COLS
 
 
-# bf16 decode rows above this many go to the AMX kernel where it runs (ops.cpp kAmxMinRows − 1): the
-# GEMV re-reads the weight for every 4 rows; measured crossover 3 rows
-GEMV_MAX_ROWS = 3
 
 
 def packed_matmul(x: torch.Tensor, packed: tuple[torch.Tensor, ...], kind: int, n: int) -> torch.Tensor:

@@ -12,35 +12,8 @@
 #include <tuple>
 #include <torch/library.h>
 
-extern "C" {
-int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
-               int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
-int quant_gemm_amx(int kind, const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs,
-                   uint16_t *y, int64_t ldy, int M, int64_t N, int K, int nthreads);
-int quant_gemm_vnni_glu(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
-                        int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
-int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
-                    int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
-int quant_panels(int kind, const uint8_t *codes, const uint16_t *scales, const uint16_t *offs, uint32_t *panels,
-                 int64_t N, int K, int nthreads);
-int panel_gemm(const uint16_t *x, int64_t ldx, const uint32_t *panels, const float *oscale, uint16_t *y,
-               int64_t ldy, int M, int64_t N, int K, int nthreads);
-int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                           const int64_t *seq_lens, void *out, int B, int HQ, int HKV, int D, int DV, int BS, int W,
-                           float scale, int is_bf16, int nthreads);
-void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, int H, float eps, int is_bf16,
-              int w_bf16, int nthreads);
-void add_rms_norm(const void *x, int64_t ldx, const void *r, int64_t ldr, const void *w, void *out, void *sum,
-                  int64_t N, int H, float eps, int is_bf16, int w_bf16, int nthreads);
-void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const float *sinv, void *out, int64_t T, int NH,
-            int R, int interleaved, int is_bf16, int nthreads);
-void store_rows(const void *src, int64_t src_stride, void *dst, const int64_t *slots, int64_t T, int64_t row_bytes,
-                int nthreads);
-void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int is_bf16, int nthreads);
-int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                           const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
-                           int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads);
-}
+#include "routing.h"  // the row-count thresholds Python reads too
+#include "kernels.h"  // every kernel's C signature (the tier forwarders of dispatch.c)
 
 namespace {
 
@@ -204,13 +177,12 @@ at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k_cache, c
     return out;
 }
 
-// Decode rows the CPU platform's quant_linear sends to the VNNI GEMV (PACKED_MAX_ROWS in
-// backends/cpu); kernels.silu_and_mul leaves as few rows to torch's ops.
-constexpr int64_t kSmallRows = 8;
-// ... of which bf16 rows go to the AMX kernel from this many up, where it runs (kernels.GEMV_MAX_ROWS
-// + 1): the GEMV re-reads the weight for every 4 rows, the AMX kernel decodes it once. 30 layers'
-// gate/up at 8 rows 5.5 → 2.2 ms, at 4 rows 3.3 → 2.6 ms; 3 rows about equal, 1-2 rows the GEMV faster
-constexpr int64_t kAmxMinRows = 4;
+// Decode rows the CPU platform's quant_linear sends to the packed kernels (routing.h); silu_and_mul
+// leaves as few rows to torch's ops.
+constexpr int64_t kSmallRows = SHOAL_PACKED_MAX_ROWS;
+// ... of which bf16 rows go to the AMX kernel from this many up, where it runs: the GEMV re-reads the
+// weight for every 4 rows, the AMX kernel decodes it once (routing.h)
+constexpr int64_t kAmxMinRows = SHOAL_GEMV_MAX_ROWS + 1;
 
 // y [M, n] = x [M, K] · Wᵀ for a weight from kernels.repack_int4/8 and up to 96 rows, by quant_linear's
 // rule: the AMX kernel for bf16 rows from kAmxMinRows where it applies, else the GEMV (which takes
@@ -260,7 +232,7 @@ DecodeRows decode_rows(const at::Tensor &x, int64_t d, const at::Tensor &cos, co
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), op,
                 ": x must be a contiguous bf16 CPU tensor [B, hidden]");
     TORCH_CHECK(split.empty() || split.size() == 7, op, ": split needs 7 tensors (or none for a decode step)");
-    TORCH_CHECK(!split.empty() || x.size(0) <= 96, op, ": a decode step of at most 96 rows (kernels.QUANT_GEMM_MAX_ROWS)");
+    TORCH_CHECK(!split.empty() || x.size(0) <= SHOAL_QUANT_GEMM_MAX_ROWS, op, ": a decode step of at most ", SHOAL_QUANT_GEMM_MAX_ROWS, " rows");
     TORCH_CHECK(d % 2 == 0, op, ": head_dim must be even");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                     sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == d / 2 && sin.sizes() == cos.sizes(),
