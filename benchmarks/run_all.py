@@ -10,6 +10,12 @@
 3. the other benchmark scripts in this folder (perplexity vs llama.cpp, planner sweep, MoE layer), if present.
 
 Peers that are not set up (benchmarks/peers/setup_*.sh) are reported as missing, not failed.
+
+`--isa avx2` measures every engine as an AVX2-only CPU would run it, on a CPU that has more: shoal's
+kernels capped at their avx2 tier (SHOAL_CPU_ISA=avx2), torch's own kernels and oneDNN capped too
+(ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), and llama.cpp built without AVX-512
+(`LLAMACPP_ISA=avx2 benchmarks/peers/setup_llamacpp.sh`). The engine `shoal-generic` is shoal on its
+portable-C tier (SHOAL_CPU_ISA=generic).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from common import PREFILL_REPEATS, VENVS, median  # noqa: E402
 SHOAL_PY = ROOT / ".venv" / "bin" / "python"
 ENGINES = {
     "shoal": (SHOAL_PY, HERE / "peers" / "bench_shoal.py"),
+    "shoal-generic": (SHOAL_PY, HERE / "peers" / "bench_shoal.py"),
     "llama.cpp": (VENVS / "llamacpp" / "bin" / "python", HERE / "peers" / "bench_llamacpp.py"),
     "transformers": (SHOAL_PY, HERE / "peers" / "bench_transformers.py"),
     "vllm": (VENVS / "vllm" / "bin" / "python", HERE / "peers" / "bench_vllm.py"),
@@ -43,11 +50,28 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def run(py: Path, script: Path, args: list[str], timeout: int) -> dict:
+ISA_ENV = {"native": {}, "avx2": {"SHOAL_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def engine_env(name: str, isa: str) -> dict[str, str]:
+    env = dict(os.environ) | ISA_ENV[isa]
+    if name == "shoal-generic":
+        env["SHOAL_CPU_ISA"] = "generic"
+    return env
+
+
+def engine_python(name: str, isa: str) -> Path:
+    py = ENGINES[name][0]
+    if name == "llama.cpp" and isa == "avx2" and (VENVS / "llamacpp-avx2").exists():
+        return VENVS / "llamacpp-avx2" / "bin" / "python"
+    return py
+
+
+def run(py: Path, script: Path, args: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
     before = loadavg()
     try:
         p = subprocess.run([str(py), str(script), *args], capture_output=True, text=True, timeout=timeout,
-                           cwd=ROOT)
+                           cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s", "load_before": before, "load_after": loadavg()}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -80,7 +104,7 @@ def markdown(summary: dict) -> str:
     ref = rows.get("llama.cpp", {})
     lines = [
         f"Measured {summary['date']} on {summary['machine'].get('cpu', '?')}, {summary['machine']['cores']} cores, "
-        f"{summary['threads']} threads, default model (SmolLM2-135M-Instruct Q4_1 GGUF); medians of "
+        f"{summary['threads']} threads, ISA {summary.get('isa', 'native')}, default model (SmolLM2-135M-Instruct Q4_1 GGUF); medians of "
         f"{summary['runs']} runs × {summary['rounds']} alternating rounds (a prefill run: {PREFILL_REPEATS} "
         "back-to-back requests); "
         "load average per engine in the last column.",
@@ -117,25 +141,27 @@ def main() -> int:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--skip-others", action="store_true", help="only the engine comparison")
+    ap.add_argument("--isa", default="native", choices=list(ISA_ENV),
+                    help="avx2: every engine as on an AVX2-only CPU (see the module docstring)")
     a = ap.parse_args()
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M") + ("" if a.isa == "native" else f"_{a.isa}")
     summary: dict = {"date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine(), "threads": 2,
-                     "runs": a.runs, "rounds": a.rounds, "recipe": a.recipe, "raw": {}, "engines": {}}
+                     "runs": a.runs, "rounds": a.rounds, "recipe": a.recipe, "isa": a.isa, "raw": {}, "engines": {}}
     print("membw …", flush=True)
     summary["membw"] = run(SHOAL_PY, HERE / "membw.py", [], 600)
     names = [n for n in a.engines.split(",") if n in ENGINES]
     for rnd in range(a.rounds):
         order = names if rnd % 2 == 0 else names[::-1]
         for name in order:
-            py, script = ENGINES[name]
+            py, script = engine_python(name, a.isa), ENGINES[name][1]
             if not py.exists():
                 missing = {"error": f"not set up ({py} missing; see benchmarks/peers/)"}
                 summary["raw"].setdefault(name, []).append(missing)
                 continue
             print(f"round {rnd + 1}: {name} (load {loadavg():.2f}) …", flush=True)
-            res = run(py, script, ["--runs", str(a.runs), "--recipe", a.recipe], a.timeout)
+            res = run(py, script, ["--runs", str(a.runs), "--recipe", a.recipe], a.timeout, engine_env(name, a.isa))
             print(f"  {json.dumps({k: v for k, v in res.items() if not k.endswith('_runs')})[:400]}", flush=True)
             summary["raw"].setdefault(name, []).append(res)
     for name, results in summary["raw"].items():

@@ -48,9 +48,12 @@ def main() -> int:
     w = throughput_workload(a.recipe)
     run_throughput(llm, w.prompts[:4], [8] * 4)
     tput = [run_throughput(llm, w.prompts, w.output_lens)["output_tok_s"] for _ in range(a.runs)]
+    from shoal.backends.cpu import kernels
+
     emit({"engine": "shoal", "startup_s": startup, "prefill_tok_s": median(prefill), "decode_tok_s": median(decode),
           "throughput_tok_s": median(tput), "prefill_runs": prefill, "decode_runs": decode, "throughput_runs": tput,
-          "config": f"GGUF Q4_1 blocks packed (int4 g32 layers, int8 LM head), bf16, "
+          "config": f"GGUF Q4_1 blocks packed (int4 g32 layers, int8 LM head), {str(llm.engine.runner.dtype)[6:]}, "
+                    f"kernel tier {kernels.tier()}, "
                     f"{'eager' if a.eager else 'decode ' + mode}, quantization={a.quantization}"})
     return 0
 

@@ -21,9 +21,15 @@ from tests.tiny import make_llama, make_qwen2
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(3 + 5 * i)]} for i in range(12)]
 
 
+# every test once per ISA tier this CPU has (tests/conftest.py `cpu_tier`)
+pytestmark = pytest.mark.usefixtures("cpu_tier")
+
+
 def _needs_kernels() -> None:
+    """Skip on the generic tier (no SIMD GEMV or batched kernel); any other tier without them fails."""
     if not (kernels.torch_ops() and kernels.gemv_fast() and kernels.quant_gemm_supported(64, 64)):
-        pytest.skip("the fused layer needs the C++ operators, the VNNI GEMV and a batched kernel (not all here)")
+        assert kernels.tier() == "generic" or not kernels.torch_ops(), f"the {kernels.tier()} tier lacks a kernel"
+        pytest.skip("the fused layer needs the C++ operators, the SIMD GEMV and a batched kernel: not in the generic tier")
 
 
 @pytest.mark.parametrize("maker,quant", [(make_llama, "int4"), (make_qwen2, "int4"), (make_llama, "int8")])

@@ -3,16 +3,11 @@
 
 Checked against `kernels.quant_gemv_reference` (the same arithmetic in plain torch: exact up to fp32
 summation order) and, loosely, against the dequantized float matmul; through the C++ operator, the
-ctypes call, the scalar (non-VNNI) build of the same source, the CPU platform's `quant_linear`, and
+ctypes call, every ISA tier this CPU has (generic, avx2, avx512, amx), the CPU platform's `quant_linear`, and
 a compiled graph with the C++ wrapper (the batch-1 decode step's configuration).
 """
 
 from __future__ import annotations
-
-import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -20,9 +15,18 @@ import torch
 from shoal.backends import native
 from shoal.backends.cpu import kernels
 from shoal.layers.quant import Int4Weight, Int8Weight, unpack_nibbles
-from tests.cpuinfo import has_cpu_flag
 
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here")
+# every test once per ISA tier this CPU has (tests/conftest.py `cpu_tier`)
+pytestmark = [pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here"),
+              pytest.mark.usefixtures("cpu_tier")]
+
+
+def _skip_unless_simd(what: str = "qgemv.c's SIMD kernels or their torch operators") -> None:
+    """Skip on the generic tier (scalar C only), where these kernels are not built; any other tier
+    without them is a failure."""
+    if not (kernels.gemv_fast() and kernels.torch_ops()):
+        assert kernels.tier() == "generic" or not kernels.torch_ops(), f"{what} missing from the {kernels.tier()} tier"
+        pytest.skip(f"{what}: not in the generic tier")
 
 
 def _weights(n: int, k: int, seed: int):
@@ -87,33 +91,8 @@ def test_quant_gemv_matches_its_reference(dtype, kind, m, n, k):
         assert (got.float() - exact).norm() / exact.norm() < 0.02
 
 
-def test_scalar_build_of_the_same_source_agrees():
-    """qgemv.c without VNNI (what a CPU without AVX512-VNNI runs) computes the same numbers."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        pytest.skip("no C compiler")
-    out = kernels.cache_dir() / "test_qgemv_scalar.so"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    src = kernels._DIR / "qgemv.c"
-    subprocess.run([cc, "-O2", "-fopenmp", "-shared", "-fPIC", "-mno-avx512f", str(src), "-o", str(out), "-lm"],
-                   check=True, capture_output=True)
-    lib = ctypes.CDLL(str(out))
-    assert lib.qgemv_fast() == 0
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.quant_gemv.argtypes = [i32, vp, i64, vp, vp, vp, vp, i64, i32, i64, i32, i32, i32]
-    w4, w8 = _weights(70, 160, seed=1)
-    x = _x(3, 160, torch.float32, seed=2)
-    for packed, kind, (scaled, offs) in (_int4_case(w4), _int8_case(w8)):
-        y = torch.empty(3, 70)
-        rc = lib.quant_gemv(kind, x.data_ptr(), x.stride(0), packed[0].data_ptr(), packed[1].data_ptr(),
-                            packed[2].data_ptr(), y.data_ptr(), 70, 3, 70, 160, 0, 2)
-        assert rc == 0
-        torch.testing.assert_close(y, kernels.quant_gemv_reference(x, scaled, offs), atol=1e-4, rtol=1e-5)
-
-
 def test_platform_quant_linear_uses_the_kernel_for_decode_rows():
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    _skip_unless_simd()
     from shoal.backends import cpu
 
     w4, w8 = _weights(96, 576, seed=3)
@@ -134,8 +113,7 @@ def test_decode_rows_take_the_gemv_then_the_amx_kernel(kind):
     every 4 rows). Where the CPU has no AMX the weights are in the column layout and every row count
     takes quant_gemm_vnni (through either operator). Each row count gives exactly the numbers of the
     kernel that should run."""
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    _skip_unless_simd()
     from shoal.backends import cpu
 
     w = _weights(96, 576, seed=21)[0 if kind == 4 else 1]
@@ -163,8 +141,7 @@ def test_repack_refuses_scales_outside_fp16():
 
 def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
     """The batch-1 decode step's configuration: the C++ wrapper calls the C++-registered operators."""
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        pytest.skip("the VNNI kernel or its torch operator is not built here")
+    _skip_unless_simd()
     w4, _ = _weights(192, 576, seed=6)
     packed = kernels.repack_int4(w4.codes, w4.scales, w4.zeros)
     g = torch.Generator().manual_seed(8)
@@ -196,7 +173,7 @@ def test_amx_quant_gemm_matches_the_dequantized_weight(kind, m, n, k):
     fp32 accumulation. Reference: the same weight in a float64 matmul; the kernel's only further
     rounding is its bf16 output. K values cover one pair, pairs plus a 32-byte tail, and padding."""
     if not (kernels.amx_gemm() and kernels.quant_gemm_supported(n, k)):
-        assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops() or n % 16 or k % 2
+        assert kernels.tier() != "amx" or not kernels.torch_ops() or n % 16 or k % 2
         pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
     packed, w = _amx_case(kind, n, k, seed=m + n)
     x = _x(m, k, torch.bfloat16, seed=k).contiguous()
@@ -219,8 +196,7 @@ def test_vnni_quant_gemm_matches_its_reference(dtype, kind, m, n, k):
     cover one row, partial 8-row blocks, the 6-row × 2-block tiles (from 12 rows: partial tiles, an odd
     last column block, threads splitting columns or, from 48 rows, rows) and more than 96; through the
     C++ operators and ctypes."""
-    if not kernels.gemv_fast():
-        pytest.skip("the VNNI kernel is not built here")
+    _skip_unless_simd()
     w4, w8 = _weights(n, k, seed=n + k + m)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
     cols, kc = kernels.to_columns(packed, kind_)
@@ -244,8 +220,7 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
     """shoal::quant_gemm_glu (quant_gemm_vnni's tiles pairing gate block j with up block j + n/32, the
     activation in the epilogue): silu(g)·u of the kernel arithmetic's fp32 products, rounded to bf16
     once; and the platform's quant_linear_silu_mul routes prompt-sized rows to it."""
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        pytest.skip("the VNNI kernel or its torch operators are not built here")
+    _skip_unless_simd()
     w4, w8 = _weights(n, k, seed=n + k + m)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
     cols, kc = kernels.to_columns(packed, kind_)
@@ -271,8 +246,7 @@ def test_vnni_tiles_are_the_same_on_any_number_of_threads(m):
     """quant_gemm_vnni's tiles split work by worksplit.h (runs of row blocks for prompts, of column tiles
     for decode batches; a thread that runs out takes from another's back): which thread computes a
     tile must not change it. Bit-identical with 1, 2, 3 and 7 threads (7 on 2 cores: uneven)."""
-    if not (kernels.gemv_fast() and kernels.torch_ops()):
-        pytest.skip("the VNNI kernel or its torch operators are not built here")
+    _skip_unless_simd()
     n, k = 1024, 320
     w4, _ = _weights(n, k, seed=m)
     packed, kind_, _ = _int4_case(w4)
@@ -346,7 +320,7 @@ def test_panel_gemm_matches_the_dequantized_weight(kind, m, n, k):
     on the output. Row tails, an odd number of 16-column blocks, a lone block, a K tail inside the last
     pair of groups, more rows than one L2 chunk (512 × 1536: chunks of 320 rows), and K 32."""
     if not kernels.panel_gemm_supported(n, k):
-        assert not has_cpu_flag("amx_bf16") or not kernels.torch_ops()
+        assert kernels.tier() != "amx" or not kernels.torch_ops()
         pytest.skip("the AMX kernel does not run here (no AMX-BF16 or no torch operator)")
     packed, w = _amx_case(kind, n, k, seed=m + n)
     panels = torch.ops.shoal.quant_panels(*packed, kind, n, k)
@@ -398,7 +372,7 @@ def test_batched_quant_gemm_in_a_compiled_graph_with_the_cpp_wrapper():
     """The padded batched-decode step's configuration: the C++ wrapper calls shoal::quant_gemm (the AMX
     kernel or the VNNI one)."""
     if not kernels.quant_gemm_supported(192, 576):
-        pytest.skip("no batched kernel here (neither AMX-BF16 nor AVX512-VNNI, or no torch operator)")
+        _skip_unless_simd("a batched kernel")
     w4, _ = _weights(192, 576, seed=12)
     packed, kind = kernels.repack_int4(w4.codes, w4.scales, w4.zeros), 4
     if not kernels.amx_gemm():  # the VNNI kernel's layout
