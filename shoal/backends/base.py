@@ -119,7 +119,8 @@ class Platform:
 
     def decode_fused(self, model: Any, max_rows: int) -> bool:
         """True when this platform runs every decode step of `model` (caches bound, up to `max_rows`
-        rows) as one call through all its layers (`dense_decoder_stack`), so that compiling the step
+        rows) as one call through all its layers (`dense_decoder_stack` on the model's
+        backends.specs.DenseStackSpec), so that compiling the step
         would add only the compiled graph's own per-call overhead; the model runner then does not
         compile it."""
         return False

@@ -232,25 +232,20 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
     return (_acc(probs) / q).argmax(dim=-1)
 
 
-def dense_decoder_layer(layer: Any, x: torch.Tensor, residual: torch.Tensor | None,
-                        fb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm decoder layer of a dense model (models.llama.LlamaDecoderLayer: Llama, Qwen2 and
-    their distills) → (its MLP output, the residual stream before it). The native form runs it op by
-    op (`layer.forward_ops`); a platform may run it whole in one kernel where it can (the CPU
-    platform, for decode steps)."""
-    return layer.forward_ops(x, residual, fb)
+def dense_decoder_layer(spec: Any, x: torch.Tensor, residual: torch.Tensor | None,
+                        fb: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One pre-norm decoder layer of a dense model (`spec`: a backends.specs.DenseLayerSpec) in one
+    fused call → (its MLP output, the residual stream before it), or None where the platform has no
+    such call for it; the model then runs the layer op by op. The native form has none."""
+    return None
 
 
-def dense_decoder_stack(layers: Any, x: torch.Tensor, fb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode or prompt step through all the decoder layers of a dense model (`layers`, an
-    nn.ModuleList of models.llama.LlamaDecoderLayer), from the embedded tokens x → (the last layer's
-    MLP output, the residual stream before it). The native form calls each layer in turn (each
-    through `dense_decoder_layer`); a platform may run them all in one call (the CPU platform), which
-    saves the per-layer and per-op calls' overhead."""
-    residual = None
-    for layer in layers:
-        x, residual = layer(x, residual, fb)
-    return x, residual
+def dense_decoder_stack(spec: Any, x: torch.Tensor, fb: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode or prompt step through all the decoder layers of a dense model (`spec`: a
+    backends.specs.DenseStackSpec) in one call, from the embedded tokens x → (the last layer's MLP
+    output, the residual stream before it), or None where the platform has no such call (the model
+    then calls its layers in turn, each through `dense_decoder_layer`). The native form has none."""
+    return None
 
 
 # Ops the engine knows of. An op listed here but missing from NATIVE_OPS has not been added yet;

@@ -35,8 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
     if name == "auto":
-        # bf16 where the CPU computes it natively (AVX512-BF16/AMX): prefill runs on AMX and the
-        # packed int4/int8 kernels are fast only with bf16 activations
+        # bf16 where the platform says it is the fast dtype (the CPU: where shoal's SIMD kernels run,
+        # which keep bf16 between kernels and compute in each ISA tier's own arithmetic)
         if getattr(platform, "has_fast_bf16", lambda: False)():
             return torch.bfloat16
         return platform.default_dtype()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shoal.backends import ops
+from shoal.backends.specs import DenseLayerSpec, DenseStackSpec
 from shoal.config import ModelConfig
 from shoal.executor.forward_batch import ForwardBatch
 from shoal.layers.attention import PagedAttention
@@ -62,15 +63,31 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
-                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.dense_decoder_layer(self, x, residual, fb)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch,
+                spec: DenseLayerSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The platform's fused layer where it takes this one (`dense_decoder_layer`), else op by op."""
+        out = ops.dense_decoder_layer(spec or self.spec(), x, residual, fb)
+        return self.forward_ops(x, residual, fb) if out is None else out
 
     def forward_ops(self, x: torch.Tensor, residual: torch.Tensor | None,
                     fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer op by op (the `dense_decoder_layer` op's native form)."""
+        """The layer op by op."""
         return pre_norm_block(x, residual, self.input_layernorm, lambda h: self.self_attn(h, fb),
                               self.post_attention_layernorm, self.mlp)
+
+    def spec(self) -> DenseLayerSpec:
+        """This layer as tensors and dims (backends/specs.py), for a platform's fused call."""
+        attn, mlp, rot = self.self_attn, self.mlp, self.self_attn.rotary
+        return DenseLayerSpec(
+            in_norm=self.input_layernorm.weight, post_norm=self.post_attention_layernorm.weight,
+            eps=self.input_layernorm.eps, post_eps=self.post_attention_layernorm.eps,
+            qkv=attn.qkv_proj.quant, o=attn.o_proj.quant, gate_up=mlp.gate_up_proj.quant, down=mlp.down_proj.quant,
+            qkv_bias=attn.qkv_proj.bias,
+            other_bias=any(lin.bias is not None for lin in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)),
+            num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+            intermediate=mlp.down_proj.in_features, cos=rot.cos, sin=rot.sin, rot_dim=rot.rot_dim,
+            interleaved=rot.interleaved, scale=attn.attn.scale, k_cache=attn.attn.k_cache,
+            v_cache=attn.attn.v_cache, tp_size=attn.o_proj.tp.size)
 
 
 class LlamaModel(nn.Module):
@@ -81,8 +98,26 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        x, residual = ops.dense_decoder_stack(self.layers, self.embed_tokens(fb.input_ids), fb)
-        return self.norm(x, residual)[0]
+        x, stack = self.embed_tokens(fb.input_ids), self.stack_spec()
+        out = ops.dense_decoder_stack(stack, x, fb)  # the whole step in one call, where the platform can
+        if out is None:
+            residual = None
+            for layer, spec in zip(self.layers, stack.layers):
+                x, residual = layer(x, residual, fb, spec)
+            out = (x, residual)
+        return self.norm(*out)[0]
+
+    def stack_spec(self) -> DenseStackSpec:
+        """The layers as specs, rebuilt when their KV caches are rebound (kept between steps: a platform
+        keeps what it derives from them in their `derived` dicts; not kept inside a compiled graph)."""
+        caches = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in self.layers)
+        hit = self.__dict__.get("_stack_spec")
+        if (hit is None or len(hit[0]) != len(caches)
+                or any(a is not c or b is not d for (a, b), (c, d) in zip(hit[0], caches))):
+            hit = (caches, DenseStackSpec(tuple(layer.spec() for layer in self.layers)))
+            if not torch.compiler.is_compiling():
+                self.__dict__["_stack_spec"] = hit
+        return hit[1]
 
 
 class LlamaForCausalLM(nn.Module):

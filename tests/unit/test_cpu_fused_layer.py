@@ -18,6 +18,12 @@ from shoal.backends import cpu
 from shoal.backends.cpu import kernels
 from tests.tiny import make_llama, make_qwen2
 
+def _layer_of(llm: LLM):  # noqa: ANN202
+    """spec → the model's layer it describes (by its K cache)."""
+    layers = llm.engine.runner.model.model.layers
+    return lambda spec: next(layer for layer in layers if layer.self_attn.attn.k_cache is spec.k_cache)
+
+
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(3 + 5 * i)]} for i in range(12)]
 
 
@@ -37,12 +43,13 @@ def test_fused_decode_layer_is_the_layer_op_by_op(tmp_path, monkeypatch, maker, 
     _needs_kernels()
     llm = LLM(str(maker(tmp_path / "m")), dtype="bfloat16", quantization=quant, enforce_eager=True, progress=False,
               max_num_seqs=16, num_blocks_override=64)
-    fused, sizes = cpu._fused_decode_layer, collections.Counter()
+    fused, sizes, layer_of = cpu._fused_decode_layer, collections.Counter(), _layer_of(llm)
 
-    def both(layer, x, residual, fb):  # noqa: ANN001, ANN202
+    def both(spec, x, residual, fb):  # noqa: ANN001, ANN202
+        layer = layer_of(spec)
         paged = layer.self_attn.attn
         kc, vc = paged.k_cache.clone(), paged.v_cache.clone()
-        got = fused(layer, x, residual, fb)
+        got = fused(spec, x, residual, fb)
         if got is None:
             assert not fb.attn.decode_only, f"a {x.shape[0]}-row decode batch did not take the fused layer"
             return None
@@ -70,13 +77,18 @@ def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, make
     llm = LLM(str(maker(tmp_path / "m", num_attention_heads=2, num_key_value_heads=1)), dtype="bfloat16",
               quantization=quant, enforce_eager=True, progress=False, max_num_seqs=16, num_blocks_override=64,
               max_num_batched_tokens=96)  # prompts in chunks beside decoding rows: mixed steps
-    fused, sizes = cpu._fused_decode_stack, collections.Counter()
-    native = cpu.native.dense_decoder_stack
+    fused, sizes, layer_of = cpu._fused_decode_stack, collections.Counter(), _layer_of(llm)
 
-    def both(layers, x, fb):  # noqa: ANN001, ANN202
-        caches = [c for layer in layers for c in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
+    def one_by_one(stack, x, fb):  # noqa: ANN001, ANN202
+        residual = None
+        for spec in stack.layers:
+            x, residual = layer_of(spec)(x, residual, fb, spec)
+        return x, residual
+
+    def both(stack, x, fb):  # noqa: ANN001, ANN202
+        caches = [c for spec in stack.layers for c in (spec.k_cache, spec.v_cache)]
         before = [c.clone() for c in caches]
-        got = fused(layers, x, fb)
+        got = fused(stack, x, fb)
         if got is None:
             assert not fb.attn.decode_only, f"a {x.shape[0]}-row decode batch did not take the fused stack"
             sizes["prompt declined"] += 1
@@ -84,7 +96,7 @@ def test_fused_decode_stack_is_the_layers_one_by_one(tmp_path, monkeypatch, make
         after = [c.clone() for c in caches]
         for c, b in zip(caches, before):
             c.copy_(b)
-        want = native(layers, x, fb)  # each layer through dense_decode_layer (checked op by op above)
+        want = one_by_one(stack, x, fb)  # each layer through dense_decode_layer (checked op by op above)
         for a, b in zip(got + tuple(after), want + tuple(caches)):
             assert torch.equal(a, b)
         sizes["decode" if fb.attn.decode_only else "prompt"] += 1

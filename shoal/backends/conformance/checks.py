@@ -591,10 +591,13 @@ def check_dense_decoder_layer(c: OpContext) -> Iterator[tuple[str, Thunk]]:
     fuses must agree with what it runs unfused. Int4 weights (as the default model's), fresh caches
     for each side; decode batches in both the small-batch (5 rows) and the batched (12 rows) kernel
     range, and a mixed batch (which every platform runs op by op)."""
+    def fused_or_ops(layers: Any, x: torch.Tensor, res: torch.Tensor, fb: Any) -> tuple[torch.Tensor, ...]:
+        out = c.op("dense_decoder_layer")(layers[0].spec(), x, res, fb)  # None: the platform declines
+        return layers[0].forward_ops(x, res, fb) if out is None else out
+
     yield from _dense_layer_cases(
         c, "dense_decoder_layer", 1,
-        lambda layers, x, res, fb: layers[0].forward_ops(x, res, fb),
-        lambda layers, x, res, fb: c.op("dense_decoder_layer")(layers[0], x, res, fb))
+        lambda layers, x, res, fb: layers[0].forward_ops(x, res, fb), fused_or_ops)
 
 
 def check_dense_decoder_stack(c: OpContext) -> Iterator[tuple[str, Thunk]]:
@@ -606,9 +609,20 @@ def check_dense_decoder_stack(c: OpContext) -> Iterator[tuple[str, Thunk]]:
             x, residual = layer.forward_ops(x, residual, fb)
         return x, residual
 
-    yield from _dense_layer_cases(
-        c, "dense_decoder_stack", 3, ops_one_by_one,
-        lambda layers, x, res, fb: c.op("dense_decoder_stack")(layers, x, fb))
+    def fused_or_layers(layers: Any, x: torch.Tensor, res: torch.Tensor, fb: Any) -> tuple[torch.Tensor, ...]:
+        from shoal.backends.specs import DenseStackSpec
+
+        stack = DenseStackSpec(tuple(layer.spec() for layer in layers))
+        out = c.op("dense_decoder_stack")(stack, x, fb)  # None: the platform declines
+        if out is not None:
+            return out
+        residual = None
+        for layer, spec in zip(layers, stack.layers):
+            out = c.op("dense_decoder_layer")(spec, x, residual, fb)
+            x, residual = layer.forward_ops(x, residual, fb) if out is None else out
+        return x, residual
+
+    yield from _dense_layer_cases(c, "dense_decoder_stack", 3, ops_one_by_one, fused_or_layers)
 
 
 CHECKS: dict[str, Callable[[OpContext], Iterator[tuple[str, Thunk]]]] = {

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from shoal.backends import native
 from shoal.backends.base import Platform
 from shoal.backends.cpu import isa, kernels, routing
+from shoal.backends.specs import DenseLayerSpec, DenseStackSpec
 from shoal.executor.forward_batch import AttentionMetadata
 
 
@@ -372,62 +373,62 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return native.silu_and_mul(x) if out is None else out
 
 
-def _fused_static(layer, kc: torch.Tensor | None, vc: torch.Tensor | None) -> tuple | None:  # noqa: ANN001
+def _fused_static(spec: DenseLayerSpec) -> tuple | None:
     """The arguments of `dense_decode_layer` that stay the same from step to step (norm weights and
     eps, the packed weights and their kinds, the shapes, the q/k/v bias, the rotary tables, the
     caches, the scale) and whether the batched kernels take every projection; None where the fused
     layer does not apply to this layer at all (see _fused_decode_layer)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if (attn.o_proj.tp.size > 1 or any(lin.quant is None for lin in lins)
-            or any(lin.bias is not None for lin in lins[1:])):
+    lins = (spec.qkv, spec.o, spec.gate_up, spec.down)
+    if spec.tp_size > 1 or any(q is None for q in lins) or spec.other_bias:
         return None
     weights, kinds, batched = [], [], True
-    for lin in lins:
-        kern = _packed(lin.quant, torch.bfloat16)
+    for q in lins:
+        kern = _packed(q, torch.bfloat16)
         if kern is None or kern[0] != "gemv":
             return None
-        batched = batched and kernels.quant_gemm_supported(lin.quant.out_features, lin.quant.in_features)
+        batched = batched and kernels.quant_gemm_supported(q.out_features, q.in_features)
         weights.extend(kern[2])
         kinds.append(kern[1])
-    rot, paged = attn.rotary, attn.attn
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if (rot.interleaved or rot.rot_dim != attn.head_dim or rot.cos.dtype != torch.float32 or rot.sin.dtype != torch.float32
-            or not (rot.cos.is_contiguous() and rot.sin.is_contiguous()) or kc is None or vc is None
-            or kc.dtype != torch.bfloat16 or vc.dtype != torch.bfloat16 or not (kc.is_contiguous() and vc.is_contiguous())
-            or norms[0].eps != norms[1].eps or norms[0].weight.dtype != norms[1].weight.dtype):
+    kc, vc = spec.k_cache, spec.v_cache
+    if (spec.interleaved or spec.rot_dim != spec.head_dim or spec.cos.dtype != torch.float32
+            or spec.sin.dtype != torch.float32 or not (spec.cos.is_contiguous() and spec.sin.is_contiguous())
+            or kc is None or vc is None or kc.dtype != torch.bfloat16 or vc.dtype != torch.bfloat16
+            or not (kc.is_contiguous() and vc.is_contiguous())
+            or spec.eps != spec.post_eps or spec.in_norm.dtype != spec.post_norm.dtype):
         return None
-    bias = attn.qkv_proj.bias
-    args = (norms[0].weight, norms[1].weight, norms[0].eps, weights, kinds,
-            [attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features],
-            None if bias is None else bias.to(torch.bfloat16), rot.cos, rot.sin)
-    return args, kc, vc, paged.scale, batched
+    bias = spec.qkv_bias
+    args = (spec.in_norm, spec.post_norm, spec.eps, weights, kinds,
+            [spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate],
+            None if bias is None else bias.to(torch.bfloat16), spec.cos, spec.sin)
+    return args, kc, vc, spec.scale, batched
 
 
-def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
+def _derived(spec: DenseLayerSpec | DenseStackSpec, key: str, make) -> tuple | None:  # noqa: ANN001
+    """What `make(spec)` works out, kept in the spec (which the model rebuilds when its caches are
+    rebound); recomputed, not kept, while compiling (a traced step derives it in its graph)."""
+    if torch.compiler.is_compiling():
+        return make(spec)
+    if key not in spec.derived:
+        spec.derived[key] = make(spec)
+    return spec.derived[key]
+
+
+def _fused_decode_layer(spec: DenseLayerSpec, x: torch.Tensor, residual: torch.Tensor | None,
                         fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
     """A decode step's Llama-family layer in one C++ call (ops.cpp `dense_decode_layer`: the eager
     step's kernels in the eager step's order), or None where it does not apply: not a decode-only
     bf16 batch of at most kernels.QUANT_GEMM_MAX_ROWS rows, the C++ operators not built, a projection
-    not in qgemv.c's packed layouts (or too wide for the AMX kernel), tensor parallelism, biases
+    not in qgemv.c's packed layouts (or too wide for the batched kernels), tensor parallelism, biases
     other than q/k/v's, partial or interleaved rotary or rotary tables not in fp32 (which the eager
     step's C kernel does not take either), or a cache that is not contiguous bf16. The arguments
-    that do not change are gathered once per layer and caches (eager batched steps run this per
-    layer and step: ~70 µs a call of module attribute lookups and checks before, under cProfile)."""
+    that do not change are worked out once per spec (eager batched steps run this per layer and
+    step: ~70 µs a call of lookups and checks before, under cProfile)."""
     meta = fb.attn
     rows = x.shape[0]
     if not (meta.decode_only and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
             and 0 < rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()):
         return None
-    paged = layer.self_attn.attn
-    kc, vc = paged.k_cache, paged.v_cache
-    if torch.compiler.is_compiling():  # traced once: no state kept on the module inside a graph
-        st = _fused_static(layer, kc, vc)
-    else:
-        hit = layer.__dict__.get("_shoal_fused")
-        if hit is None or hit[0] is not kc or hit[1] is not vc:
-            hit = layer.__dict__["_shoal_fused"] = (kc, vc, _fused_static(layer, kc, vc))
-        st = hit[2]
+    st = _derived(spec, "cpu-fused", _fused_static)
     if st is None or (rows > PACKED_MAX_ROWS and not st[4]):
         return None
     args, kc, vc, scale, _ = st
@@ -436,16 +437,15 @@ def _fused_decode_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  
         meta.slot_mapping, meta.block_tables, meta.seq_lens, scale)
 
 
-def dense_decoder_layer(layer, x: torch.Tensor, residual: torch.Tensor | None,  # noqa: ANN001
-                        fb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def dense_decoder_layer(spec: DenseLayerSpec, x: torch.Tensor, residual: torch.Tensor | None,
+                        fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
     """Decode steps: the whole layer in one C++ call where `_fused_decode_layer` applies (a compiled
     step then makes one dispatcher call a layer instead of nine, with no graph kernels between
-    them); otherwise, and for prompt and mixed steps, op by op."""
-    out = _fused_decode_layer(layer, x, residual, fb)
-    return native.dense_decoder_layer(layer, x, residual, fb) if out is None else out
+    them); otherwise None, and the model runs the layer op by op."""
+    return _fused_decode_layer(spec, x, residual, fb)
 
 
-def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
+def _fused_decode_stack(stack: DenseStackSpec, x: torch.Tensor, fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
     """A step's decoder layers in one C++ call (ops.cpp `dense_decode_stack`: each layer as
     `dense_decode_layer`, one after another), or None where that does not apply: where any layer
     would not take `_fused_decode_layer`, or the layers differ in their norms' eps, attention scale,
@@ -461,7 +461,7 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
     rows = x.shape[0]
     decode, compiling = meta.decode_only, torch.compiler.is_compiling()
     if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and rows > 0
-            and kernels.torch_ops()) or len(layers) == 0:
+            and kernels.torch_ops()) or len(stack.layers) == 0:
         return None
     # prompt and mixed steps (eager): where every projection of any row count takes quant_gemm_vnni
     # (int8_prompts: no AMX) and the prompt attention kernel is built; the block size and head size
@@ -469,13 +469,7 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
     if not (rows <= kernels.QUANT_GEMM_MAX_ROWS if decode
             else not compiling and int8_prompts() and kernels.prefill_attention_builtin()):
         return None
-    key = _layer_caches(layers)
-    hit = None if compiling else layers.__dict__.get("_shoal_stack")
-    if hit is None or len(hit[0]) != len(key) or any(a is not c or b is not d for (a, b), (c, d) in zip(hit[0], key)):
-        hit = (key, _stack_static(layers, key))
-        if not compiling:  # traced once: no state kept on the module inside a graph
-            layers.__dict__["_shoal_stack"] = hit
-    st = hit[1]
+    st = _derived(stack, "cpu-stack", _stack_static)
     if st is None or (rows > PACKED_MAX_ROWS and not st[1]):
         return None
     args, _ = st
@@ -490,11 +484,6 @@ def _fused_decode_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torc
                                               meta.seq_lens, scale, split)
 
 
-def _layer_caches(layers) -> tuple:  # noqa: ANN001
-    """Each layer's (K cache, V cache): what `dense_decode_stack`'s arguments are kept for."""
-    return tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in layers)
-
-
 def _stack_split(meta: AttentionMetadata) -> list[torch.Tensor]:
     """A prompt or mixed step's attention groups as `dense_decode_stack` takes them: those of
     `_split_requests` (which `_prefill_attention` uses too), absent groups as empty tensors."""
@@ -505,11 +494,11 @@ def _stack_split(meta: AttentionMetadata) -> list[torch.Tensor]:
     return [*first, *second]
 
 
-def _stack_static(layers, caches: tuple) -> tuple | None:  # noqa: ANN001
+def _stack_static(stack: DenseStackSpec) -> tuple | None:
     """`dense_decode_stack`'s arguments that stay the same from step to step, and whether the batched
     kernels take every projection of every layer; None where the layers cannot go in one call."""
-    sts = [_fused_static(layer, kc, vc) for layer, (kc, vc) in zip(layers, caches)]
-    if any(st is None for st in sts):
+    sts = [_derived(spec, "cpu-fused", _fused_static) for spec in stack.layers]
+    if not sts or any(st is None for st in sts):
         return None
     first = sts[0][0]
     if any(st[0][2] != first[2] or st[3] != sts[0][3] or st[0][7] is not first[7] or st[0][8] is not first[8]
@@ -525,12 +514,12 @@ def _stack_static(layers, caches: tuple) -> tuple | None:  # noqa: ANN001
     return args, all(st[4] for st in sts)
 
 
-def dense_decoder_stack(layers, x: torch.Tensor, fb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def dense_decoder_stack(stack: DenseStackSpec, x: torch.Tensor,
+                        fb) -> tuple[torch.Tensor, torch.Tensor] | None:  # noqa: ANN001
     """Every layer in one C++ call where `_fused_decode_stack` applies (decode steps; prompt and mixed
-    steps on CPUs without AMX); otherwise layer by layer (a decode step's layers each still one call
-    where `_fused_decode_layer` applies)."""
-    out = _fused_decode_stack(layers, x, fb)
-    return native.dense_decoder_stack(layers, x, fb) if out is None else out
+    steps on CPUs without AMX); otherwise None, and the model calls its layers in turn (a decode
+    step's layers each still one call where `_fused_decode_layer` applies)."""
+    return _fused_decode_stack(stack, x, fb)
 
 
 def _meminfo() -> tuple[int, int]:
@@ -569,18 +558,15 @@ class CpuPlatform(Platform):
         return 1
 
     def decode_fused(self, model, max_rows: int) -> bool:  # noqa: ANN001
-        """Llama-family models whose layers all go into `dense_decode_stack` (see `_fused_decode_stack`)
-        for every decode batch up to max_rows. At 32 rows the compiled step (dynamo's guards and
-        wrappers, the graph's call) took ~1.5 ms a step more than the eager one, 15.1 vs 13.5 ms;
-        at 1 row 4.06 vs 3.68 ms."""
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if not (isinstance(layers, torch.nn.ModuleList) and len(layers) and 0 < max_rows <= kernels.QUANT_GEMM_MAX_ROWS
-                and kernels.torch_ops()):
+        """Models that describe their layers as a backends.specs.DenseStackSpec (`model.model.stack_spec()`:
+        Llama, Qwen2) whose layers all go into `dense_decode_stack` (see `_fused_decode_stack`) for
+        every decode batch up to max_rows. At 32 rows the compiled step (dynamo's guards and wrappers,
+        the graph's call) took ~1.5 ms a step more than the eager one, 15.1 vs 13.5 ms; at 1 row 4.06
+        vs 3.68 ms."""
+        stack_spec = getattr(getattr(model, "model", None), "stack_spec", None)
+        if not (callable(stack_spec) and 0 < max_rows <= kernels.QUANT_GEMM_MAX_ROWS and kernels.torch_ops()):
             return False
-        try:
-            st = _stack_static(layers, _layer_caches(layers))
-        except AttributeError:  # not a Llama-family decoder layer (MLA, MoE)
-            return False
+        st = _derived(stack_spec(), "cpu-stack", _stack_static)
         return st is not None and (max_rows <= PACKED_MAX_ROWS or st[1])
 
     def device_name(self, index: int | None = None) -> str:
