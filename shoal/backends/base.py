@@ -117,6 +117,11 @@ class Platform:
         """Name of the graph-capture mechanism (e.g. "cuda_graph"), or None."""
         return None
 
+    def op_kernels(self) -> dict[str, str]:
+        """For `shoal doctor`: which kernel (and instruction set) each overridden op runs on this
+        device, where the platform can say more than the op's module path."""
+        return {}
+
     def decode_fused(self, model: Any, max_rows: int) -> bool:
         """True when this platform runs every decode step of `model` (caches bound, up to `max_rows`
         rows) as one call through all its layers (`dense_decoder_stack` on the model's
@@ -183,6 +188,7 @@ class Platform:
             info["reason"] = reason
         info["library_versions"] = _safe(self.library_versions)
         info["op_sources"] = _safe(self.op_sources)
+        info["op_kernels"] = _safe(self.op_kernels)
         if reason is not None:
             return info
         devices = []

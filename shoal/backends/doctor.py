@@ -98,6 +98,10 @@ def format_report(r: dict[str, Any]) -> str:
         ops = p.get("op_sources")
         if isinstance(ops, dict):
             lines.append("      ops: " + ", ".join(f"{k}={v}" for k, v in ops.items()))
+        kern = p.get("op_kernels")
+        if isinstance(kern, dict) and kern:
+            lines.append("      kernels:")
+            lines.extend(f"        {k}: {v}" for k, v in kern.items())
     lines.append("")
     if r["plugins"]:
         lines.append("plug-ins (entry-point group shoal.platforms):")

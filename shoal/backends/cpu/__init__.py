@@ -569,6 +569,27 @@ class CpuPlatform(Platform):
         st = _derived(stack_spec(), "cpu-stack", _stack_static)
         return st is not None and (max_rows <= PACKED_MAX_ROWS or st[1])
 
+    def op_kernels(self) -> dict[str, str]:
+        """The kernel each op runs here, with the ISA tier it was built for (isa.py)."""
+        t = kernels.tier()
+        if t is None:
+            return dict.fromkeys(("quant_linear", "paged_attention", "rms_norm"), "plain torch (shoal's C kernels are off)")
+        caps = _caps()
+        mm = ("AMX tiles (batched, prompts) + int8-activation GEMV" if caps.amx
+              else f"int8-activation tiles ({'AVX-512 VNNI' if t == 'avx512' else 'AVX2 vpmaddubsw'}), every row count"
+              if caps.simd else "torch's packed int4/int8 kernels (decode), dense matmul (prompts)")
+        dense = "oneDNN bf16, prepacked" if caps.onednn_bf16 else "torch matmul (no oneDNN bf16 below AVX-512)"
+        fused = kernels.torch_ops() and caps.simd
+        return {
+            "tier": f"{t} (this CPU runs {', '.join(isa.cpu_tiers())}; SHOAL_CPU_ISA caps it)",
+            "quant_linear, quant_linear_silu_mul": f"{mm}; else {dense} [{t}]",
+            "paged_attention": f"decode: shoal's kernel [{t}]; prompts: "
+                               + (f"shoal's kernel [{t}]" if kernels.prefill_attention_builtin() else "torch SDPA"),
+            "rms_norm, add_rms_norm, rotary, silu_and_mul, store_kv, argmax": f"shoal's C kernels in eager steps [{t}]",
+            "dense_decoder_layer, dense_decoder_stack": (f"one C++ call per step [{t}]" if fused
+                                                         else "declined: op by op"),
+        }
+
     def device_name(self, index: int | None = None) -> str:
         try:
             with open("/proc/cpuinfo") as f:
