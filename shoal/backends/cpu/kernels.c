@@ -1,7 +1,8 @@
-/* shoal's CPU kernels, compiled on first use (gcc/cc -O3 -march=native -fopenmp) and called through
- * ctypes with raw pointers; see shoal/backends/cpu/kernels.py. Plain C with AVX-512 where the
- * compiler targets it and a scalar path otherwise. The OpenMP runtime is the one torch already
- * loaded (same soname), so the threads are torch's.
+/* shoal's CPU kernels, compiled once per ISA tier (isa.py: generic, avx2, avx512, amx; never
+ * -march=native) and called through ctypes with raw pointers; see shoal/backends/cpu/kernels.py.
+ * Plain C with AVX-512 bodies where the compiler targets AVX-512, AVX2 bodies (simd_avx2.h: fp32 FMA
+ * on widened bf16) where it targets AVX2 + FMA but not AVX-512, and a scalar path otherwise. The
+ * OpenMP runtime is the one torch already loaded (same soname), so the threads are torch's.
  *
  * paged_decode_attention: one new query token per sequence against its paged K/V cache, read in
  * place through the block table (no gathered copy). Work item = (sequence, KV head): the G query
@@ -20,6 +21,7 @@
 
 #include "amx.h"
 #include "scalar.h"
+#include "simd_avx2.h"
 #include "worksplit.h"
 
 #ifdef __AVX512F__
@@ -60,6 +62,30 @@ static float softmax_unnormalised(float *s, int64_t n) {
         t = n;
     }
     sum = _mm512_reduce_add_ps(vs);
+#elif defined(SHOAL_AVX2)
+    /* the same with 8 lanes; the last n % 8 through a lane mask (-inf in, 0 out) */
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vm = ninf;
+    for (; t + 8 <= n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+    const __m256i tail = first_lanes8(n - t);
+    if (t < n) vm = _mm256_max_ps(vm, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + t, tail), _mm256_castsi256_ps(tail)));
+    m = reduce8_max(vm);
+    t = 0;
+    vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+        _mm256_storeu_ps(s + t, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    if (t < n) {
+        const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(s + t, tail), vm)),
+                                       _mm256_castsi256_ps(tail));
+        _mm256_maskstore_ps(s + t, tail, e);
+        vs = _mm256_add_ps(vs, e);
+        t = n;
+    }
+    sum = reduce8_add(vs);
 #else
     for (; t < n; t++) m = s[t] > m ? s[t] : m;
     t = 0;
@@ -361,6 +387,201 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, c
     }
 }
 
+#ifdef SHOAL_AVX2
+/* ------------------------------------------------------------------------------------------------
+ * The AVX2 bodies of decode attention's two products (no bf16 dot product: fp32 FMA on widened
+ * values). A bf16 row is widened 16 elements (one 256-bit load) at a time into its even elements
+ * (shifted left 16) and its odd ones (the low halves masked off): two operations per 16 instead of
+ * a widening load and a shift per 8. The query rows are stored in that order (qsplit_avx2) and
+ * the weighted sum's accumulators come out in it (put back in order when stored).
+ */
+
+/* gn query rows of D dimensions, fp32, as the AVX2 scores read them: for bf16 each 16-dimension
+ * chunk as its 8 even then its 8 odd dimensions (D % 16 == 0), for fp32 as they are */
+static inline void qsplit_avx2(const void *q, int64_t src, int D, int gn, int is_bf16, float *qs) {
+    for (int g = 0; g < gn; g++)
+        for (int c = 0; c < D; c += 16)
+            for (int i = 0; i < 16 && c + i < D; i++) {
+                const float v = ld(q, src + (int64_t)g * D + c + i, is_bf16);
+                qs[g * D + (is_bf16 ? c + (i & 1) * 8 + i / 2 : c + i)] = v;
+            }
+}
+
+/* four 8-lane vectors → the four sums, one per lane */
+static inline __m128 sum4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_extractf128_ps(u, 1), _mm256_castps256_ps128(u));
+}
+
+/* sc[g·ld + t .. + n) = scale · q_g · k_j for four key rows kr[0..4) (n ≤ 4 of them kept) and H ≤ 3
+ * query heads: 4 × H accumulators in registers, each key chunk loaded and widened once for all H
+ * heads. The four sums of a head come out of one hadd tree instead of four horizontal sums. */
+static inline __attribute__((always_inline)) void scores4_avx2(const float *qs, const void *const kr[4], int D, int H,
+                                                               int is_bf16, float scale, float *sc, int64_t ld,
+                                                               int64_t t, int n) {
+    __m256 acc[3][4];
+    for (int g = 0; g < H; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
+    if (is_bf16) {
+        const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+        for (int c = 0; c < D; c += 16)
+            for (int j = 0; j < 4; j++) {
+                const __m256i k = _mm256_loadu_si256((const __m256i *)((const uint16_t *)kr[j] + c));
+                const __m256 ke = _mm256_castsi256_ps(_mm256_slli_epi32(k, 16));
+                const __m256 ko = _mm256_castsi256_ps(_mm256_and_si256(k, hi));
+                for (int g = 0; g < H; g++) {
+                    acc[g][j] = _mm256_fmadd_ps(ke, _mm256_loadu_ps(qs + g * D + c), acc[g][j]);
+                    acc[g][j] = _mm256_fmadd_ps(ko, _mm256_loadu_ps(qs + g * D + c + 8), acc[g][j]);
+                }
+            }
+    } else {
+        for (int c = 0; c < D; c += 8)
+            for (int j = 0; j < 4; j++) {
+                const __m256 k = _mm256_loadu_ps((const float *)kr[j] + c);
+                for (int g = 0; g < H; g++) acc[g][j] = _mm256_fmadd_ps(k, _mm256_loadu_ps(qs + g * D + c), acc[g][j]);
+            }
+    }
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (int g = 0; g < H; g++) {
+        const __m128 s = _mm_mul_ps(sum4_avx2(acc[g][0], acc[g][1], acc[g][2], acc[g][3]), vscale);
+        if (n == 4) {
+            _mm_storeu_ps(sc + g * ld + t, s);
+        } else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, s);
+            for (int j = 0; j < n; j++) sc[g * ld + t + j] = tmp[j];
+        }
+    }
+}
+
+/* scores for gn query heads (rows of qs from qsplit_avx2) of KV head h, four keys at a time, heads
+ * in groups of ≤ 3. Needs D % 16 == 0 (bf16) or D % 8 == 0 (fp32). The cursor advances once per
+ * 8 keys (with the weighted sum's once per 8 rows, the len/4 calls per item pf_start plans for). */
+static inline __attribute__((always_inline)) void scores_avx2(const float *qs, const void *k_cache, const int64_t *tab,
+                                                              int64_t len, int BS, int HKV, int h, int D, int gn,
+                                                              float scale, int is_bf16, float *sc, int64_t ld,
+                                                              pf_cursor *pfc) {
+    const int elem = is_bf16 ? 2 : 4;
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+        const int64_t base = tab[blk] * BS, nb = len - t0 < BS ? len - t0 : BS;
+        for (int64_t j0 = 0; j0 < nb; j0 += 4) {
+            const int n = nb - j0 < 4 ? (int)(nb - j0) : 4;
+            const void *kr[4];
+            for (int j = 0; j < 4; j++) /* past the end: the last key again, its sums dropped */
+                kr[j] = (const char *)k_cache + ((base + j0 + (j < n ? j : n - 1)) * HKV + h) * (int64_t)D * elem;
+            if ((j0 & 7) == 0) pf_advance(pfc, 0);
+            for (int g0 = 0; g0 < gn; g0 += 3) {
+                const float *q0 = qs + (int64_t)g0 * D;
+                float *s0 = sc + g0 * ld;
+                switch (gn - g0) {
+                    case 1: scores4_avx2(q0, kr, D, 1, is_bf16, scale, s0, ld, t0 + j0, n); break;
+                    case 2: scores4_avx2(q0, kr, D, 2, is_bf16, scale, s0, ld, t0 + j0, n); break;
+                    default: scores4_avx2(q0, kr, D, 3, is_bf16, scale, s0, ld, t0 + j0, n);
+                }
+            }
+        }
+    }
+}
+
+/* acc[g][c0 .. c0 + 8·NV) = Σ_t p[g][t] · v_t over those columns, for H heads, H·NV ≤ 12
+ * accumulators in registers: each V row chunk is loaded (and widened) once for all H heads. bf16:
+ * NV even, the chunk's 16-column halves as evens and odds, interleaved back on the store. The
+ * cursor advances once per 8 rows when `pf`. */
+static inline __attribute__((always_inline)) void wsum_avx2(const float *p, const void *v_cache, const int64_t *tab,
+                                                            int64_t len, int BS, int HKV, int h, int DV, int c0, int NV,
+                                                            int H, int is_bf16, float *acc, int64_t ld, pf_cursor *pfc,
+                                                            int pf) {
+    __m256 a[12];
+    for (int i = 0; i < H * NV; i++) a[i] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += BS, blk++) {
+        const int64_t base = tab[blk] * BS, n = len - t0 < BS ? len - t0 : BS;
+        const float *pt = p + t0;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t row = ((base + j) * HKV + h) * DV + c0;
+            if (pf && (j & 7) == 0) pf_advance(pfc, 0);
+            __m256 v[4];
+            if (is_bf16 && NV >= 2) {
+                for (int u = 0; u < NV; u += 2) {
+                    const __m256i k = _mm256_loadu_si256((const __m256i *)((const uint16_t *)v_cache + row + u * 8));
+                    v[u] = _mm256_castsi256_ps(_mm256_slli_epi32(k, 16));
+                    v[u + 1] = _mm256_castsi256_ps(_mm256_and_si256(k, hi));
+                }
+            } else {
+                for (int u = 0; u < NV; u++) v[u] = _mm256_loadu_ps((const float *)v_cache + row + u * 8);
+            }
+            for (int g = 0; g < H; g++) {
+                const __m256 w = _mm256_broadcast_ss(pt + g * ld + j);
+                for (int u = 0; u < NV; u++) a[g * NV + u] = _mm256_fmadd_ps(w, v[u], a[g * NV + u]);
+            }
+        }
+    }
+    for (int g = 0; g < H; g++) {
+        float *dst = acc + (int64_t)g * DV + c0;
+        if (is_bf16 && NV >= 2) {
+            for (int u = 0; u < NV; u += 2) { /* evens e, odds o → e0 o0 e1 o1 … */
+                const __m256 lo = _mm256_unpacklo_ps(a[g * NV + u], a[g * NV + u + 1]);
+                const __m256 hi2 = _mm256_unpackhi_ps(a[g * NV + u], a[g * NV + u + 1]);
+                _mm256_storeu_ps(dst + u * 8, _mm256_permute2f128_ps(lo, hi2, 0x20));
+                _mm256_storeu_ps(dst + u * 8 + 8, _mm256_permute2f128_ps(lo, hi2, 0x31));
+            }
+        } else {
+            for (int u = 0; u < NV; u++) _mm256_storeu_ps(dst + u * 8, a[g * NV + u]);
+        }
+    }
+}
+
+/* the weighted sum for gn heads: ≤ 2 heads over 32-column chunks (DV % 32 == 0), else ≤ 5 heads
+ * over 16-column chunks, else (fp32, DV % 8 == 0) ≤ 8 heads over 8 columns; each (heads, chunk) a
+ * pass over the rows (with 64-column bf16 rows a 32-column pass reads one of each row's two cache
+ * lines, the rest come from L1). The accumulators, the widened row chunk and the weight fit the 16
+ * ymm registers: 3 heads × 32 columns (12 + 4 + 1 + the mask) spilled two accumulators, whose
+ * store-to-load chain made the `ci` shape's weighted sum ~2× slower. Literal shapes per case. */
+static inline __attribute__((always_inline)) void weighted_sum_avx2(const float *p, const void *v_cache,
+                                                                    const int64_t *tab, int64_t len, int BS, int HKV,
+                                                                    int h, int DV, int gn, int is_bf16, float *acc,
+                                                                    int64_t ld, pf_cursor *pfc) {
+    const int NV = DV % 32 == 0 && (gn <= 2 || !is_bf16) ? 4 : DV % 16 == 0 ? 2 : 1;
+    const int HG = NV == 4 ? (is_bf16 ? 2 : 3) : NV == 2 ? 5 : 8;
+    const int ngroups = (gn + HG - 1) / HG;
+    int first = 1;
+    for (int g0 = 0, grp = 0; g0 < gn; grp++) {
+        const int H = (gn - g0 + (ngroups - grp) - 1) / (ngroups - grp); /* groups of about equal size */
+        for (int c0 = 0; c0 < DV; c0 += NV * 8, first = 0) {
+            const float *pg = p + g0 * ld;
+            float *ag = acc + (int64_t)g0 * DV;
+#define SHOAL_WS(HH, NN) wsum_avx2(pg, v_cache, tab, len, BS, HKV, h, DV, c0, NN, HH, is_bf16, ag, ld, pfc, first)
+            if (NV == 4) {
+                if (H == 1) SHOAL_WS(1, 4);
+                else if (H == 2) SHOAL_WS(2, 4);
+                else SHOAL_WS(3, 4);
+            } else if (NV == 2) {
+                switch (H) {
+                    case 1: SHOAL_WS(1, 2); break;
+                    case 2: SHOAL_WS(2, 2); break;
+                    case 3: SHOAL_WS(3, 2); break;
+                    case 4: SHOAL_WS(4, 2); break;
+                    default: SHOAL_WS(5, 2);
+                }
+            } else {
+                switch (H) {
+                    case 1: SHOAL_WS(1, 1); break;
+                    case 2: SHOAL_WS(2, 1); break;
+                    case 3: SHOAL_WS(3, 1); break;
+                    case 4: SHOAL_WS(4, 1); break;
+                    case 5: SHOAL_WS(5, 1); break;
+                    case 6: SHOAL_WS(6, 1); break;
+                    case 7: SHOAL_WS(7, 1); break;
+                    default: SHOAL_WS(8, 1);
+                }
+            }
+#undef SHOAL_WS
+        }
+        g0 += H;
+    }
+}
+#endif
+
 static int attn_amx = 1; /* a benchmarking knob: set_decode_attention_amx(0) keeps the AVX-512 scores */
 int set_decode_attention_amx(int on) {
     const int old = attn_amx;
@@ -466,6 +687,23 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
 #undef SHOAL_SCORES
                     } else
 #endif
+#ifdef SHOAL_AVX2
+                    if (is_bf16 ? D % 16 == 0 : D % 8 == 0) {
+                        qsplit_avx2(q, ((int64_t)b * HQ + h * G + g0) * D, D, gn, is_bf16, qf);
+                        /* literal dtypes and the common head sizes: the chunk loops unroll */
+#define SHOAL_SCORES(DD, BF) scores_avx2(qf, k_cache, tab, len, BS, HKV, h, DD, gn, scale, BF, sc, len, &pfc)
+                        if (is_bf16) {
+                            if (D == 64) SHOAL_SCORES(64, 1);
+                            else if (D == 128) SHOAL_SCORES(128, 1);
+                            else SHOAL_SCORES(D, 1);
+                        } else {
+                            if (D == 64) SHOAL_SCORES(64, 0);
+                            else if (D == 128) SHOAL_SCORES(128, 0);
+                            else SHOAL_SCORES(D, 0);
+                        }
+#undef SHOAL_SCORES
+                    } else
+#endif
                     {
                         /* fp32 query rows for the plain score loop (the paths above read q as it is) */
                         for (int g = 0; g < gn; g++) {
@@ -501,6 +739,12 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                     } else
 #undef SHOAL_CASE
 #endif
+#ifdef SHOAL_AVX2
+                    if (is_bf16 ? DV % 16 == 0 : DV % 8 == 0) {
+                        if (is_bf16) weighted_sum_avx2(sc, v_cache, tab, len, BS, HKV, h, DV, gn, 1, acc, len, &pfc);
+                        else weighted_sum_avx2(sc, v_cache, tab, len, BS, HKV, h, DV, gn, 0, acc, len, &pfc);
+                    } else
+#endif
                     {
 #define SHOAL_CASE(N) \
     case N: weighted_sum(sc, v_cache, tab, len, BS, HKV, h, DV, N, is_bf16, acc, len); break;
@@ -519,6 +763,17 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
                             for (int i = 0; i < DV; i += 16)
                                 _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(
                                     _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * DV + i), w)));
+                        }
+                        continue;
+                    }
+#endif
+#ifdef SHOAL_AVX2
+                    if (DV % 8 == 0) { /* the plain loops' product and rounding, 8 at a time */
+                        for (int g = 0; g < gn; g++) {
+                            const __m256 w = _mm256_set1_ps(inv[g]);
+                            const int64_t o = ((int64_t)b * HQ + h * G + g0 + g) * DV;
+                            for (int i = 0; i < DV; i += 8)
+                                store8(out, o + i, _mm256_mul_ps(_mm256_loadu_ps(acc + (size_t)g * DV + i), w), is_bf16);
                         }
                         continue;
                     }
@@ -588,6 +843,10 @@ static inline void rms_scale_row(const void *x, int64_t xi, float rs, const void
     const __m512 vr = _mm512_set1_ps(rs);
     for (; c + 16 <= H; c += 16)
         store16(out, oi + c, _mm512_mul_ps(_mm512_mul_ps(load16(x, xi + c, is_bf16), vr), load16(w, c, w_bf16)), is_bf16);
+#elif defined(SHOAL_AVX2)
+    const __m256 vr = _mm256_set1_ps(rs);
+    for (; c + 8 <= H; c += 8)
+        store8(out, oi + c, _mm256_mul_ps(_mm256_mul_ps(load8(x, xi + c, is_bf16), vr), load8(w, c, w_bf16)), is_bf16);
 #endif
     for (; c < H; c++) st(out, oi + c, ld(x, xi + c, is_bf16) * rs * ld(w, c, w_bf16), is_bf16);
 }
@@ -608,6 +867,15 @@ void rms_norm(const void *x, int64_t ldx, const void *w, void *out, int64_t N, i
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         ss = _mm512_reduce_add_ps(acc);
+#elif defined(SHOAL_AVX2)
+        /* the AVX-512 body's 16 lanes as two halves, reduced in its order: the same bits */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; c + 16 <= H; c += 16) {
+            const __m256 v0 = load8(x, xi + c, is_bf16), v1 = load8(x, xi + c + 8, is_bf16);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        ss = reduce16_add(a0, a1);
 #endif
         for (; c < H; c++) {
             const float v = ld(x, xi + c, is_bf16);
@@ -637,6 +905,18 @@ void add_rms_norm(const void *x, int64_t ldx, const void *r, int64_t ldr, const 
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         ss = _mm512_reduce_add_ps(acc);
+#elif defined(SHOAL_AVX2)
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; c + 16 <= H; c += 16) { /* as rms_norm: the AVX-512 body's lanes and order */
+            __m256 v0 = _mm256_add_ps(load8(x, xi + c, is_bf16), load8(r, ri + c, is_bf16));
+            __m256 v1 = _mm256_add_ps(load8(x, xi + c + 8, is_bf16), load8(r, ri + c + 8, is_bf16));
+            if (is_bf16) v0 = round_bf16_256(v0), v1 = round_bf16_256(v1);
+            store8(sum, oi + c, v0, is_bf16);
+            store8(sum, oi + c + 8, v1, is_bf16);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        ss = reduce16_add(a0, a1);
 #endif
         for (; c < H; c++) {
             const float v = rb(ld(x, xi + c, is_bf16) + ld(r, ri + c, is_bf16), is_bf16);
@@ -677,6 +957,25 @@ void rotary(const void *x, int64_t sT, int64_t sH, const float *cosv, const floa
                     }
                     store16(out, oi + i, o1, is_bf16);
                     store16(out, oi + half + i, o2, is_bf16);
+                }
+            }
+#elif defined(SHOAL_AVX2)
+            if (!interleaved) { /* elementwise: 8 at a time gives the 16-lane body's results */
+                for (; i + 8 <= half; i += 8) {
+                    __m256 c = _mm256_loadu_ps(ct + i), s = _mm256_loadu_ps(stn + i);
+                    const __m256 x1 = load8(x, xi + i, is_bf16), x2 = load8(x, xi + half + i, is_bf16);
+                    __m256 o1, o2;
+                    if (is_bf16) {
+                        c = round_bf16_256(c);
+                        s = round_bf16_256(s);
+                        o1 = _mm256_sub_ps(round_bf16_256(_mm256_mul_ps(x1, c)), round_bf16_256(_mm256_mul_ps(x2, s)));
+                        o2 = _mm256_add_ps(round_bf16_256(_mm256_mul_ps(x2, c)), round_bf16_256(_mm256_mul_ps(x1, s)));
+                    } else {
+                        o1 = _mm256_sub_ps(_mm256_mul_ps(x1, c), _mm256_mul_ps(x2, s));
+                        o2 = _mm256_add_ps(_mm256_mul_ps(x2, c), _mm256_mul_ps(x1, s));
+                    }
+                    store8(out, oi + i, o1, is_bf16);
+                    store8(out, oi + half + i, o2, is_bf16);
                 }
             }
 #endif
@@ -740,6 +1039,33 @@ void argmax_rows(const void *x, int64_t ldx, int64_t S, int64_t V, int is_bf16, 
                     }
             }
         }
+#elif defined(SHOAL_AVX2)
+        if (V >= 8 && V <= INT32_MAX) { /* the AVX-512 body with 8 lanes (the same answer) */
+            __m256 bv = _mm256_set1_ps(-INFINITY), unord = _mm256_setzero_ps();
+            __m256i bi = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            const __m256i step = _mm256_set1_epi32(8);
+            for (; v + 8 <= V; v += 8) {
+                const __m256 a = load8(x, xi + v, is_bf16);
+                unord = _mm256_or_ps(unord, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+                const __m256 gt = _mm256_cmp_ps(a, bv, _CMP_GT_OQ);
+                bv = _mm256_blendv_ps(bv, a, gt);
+                bi = _mm256_blendv_epi8(bi, idx, _mm256_castps_si256(gt));
+                idx = _mm256_add_epi32(idx, step);
+            }
+            if (_mm256_movemask_ps(unord)) {
+                nan = 1;
+            } else {
+                float lv[8];
+                int32_t li[8];
+                _mm256_storeu_ps(lv, bv);
+                _mm256_storeu_si256((__m256i *)li, bi);
+                int first = 1;
+                for (int l = 0; l < 8; l++)
+                    if (first || lv[l] > best || (lv[l] == best && li[l] < arg)) {
+                        best = lv[l], arg = li[l], first = 0;
+                    }
+            }
+        }
 #endif
         if (nan) {
             for (v = 0; v < V; v++)
@@ -775,6 +1101,18 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
             if (is_bf16) s = round_bf16(s);
             store16(out, oi + i, _mm512_mul_ps(s, u), is_bf16);
         }
+#elif defined(SHOAL_AVX2)
+        const __m256 one = _mm256_set1_ps(1.f);
+        /* exp256 gives exp512's bits, so this gives the AVX-512 body's results: 16 at a time as it,
+         * leaving it the same last I % 16 for expf (fp32 results differ in those otherwise) */
+        for (; i + 16 <= I; i += 16)
+            for (int k = 0; k < 16; k += 8) {
+                const __m256 g = load8(x, xi + i + k, is_bf16), u = load8(x, xi + I + i + k, is_bf16);
+                const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.f)));
+                __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                if (is_bf16) s = round_bf16_256(s);
+                store8(out, oi + i + k, _mm256_mul_ps(s, u), is_bf16);
+            }
 #endif
         for (; i < I; i++) {
             const float g = ld(x, xi + i, is_bf16);
@@ -797,7 +1135,9 @@ void silu_and_mul(const void *x, int64_t ldx, void *out, int64_t N, int I, int i
  * softmax per row (fp32; the probabilities rounded to bf16 for the tile product, as torch's CPU
  * flash attention does), then P·V accumulated in fp32 tiles, normalised and rounded to bf16 once.
  * Needs bf16, D % 32 == 0, DV % 16 == 0, BS % 16 == 0. Returns 0; -1 when a scratch allocation
- * failed; -2 when neither AMX (granted) nor AVX512-BF16 is compiled in (the caller falls back).
+ * failed; -2 for shapes it does not take (the caller falls back). Without AMX or AVX512-BF16 (the
+ * avx2 and generic tiers) a portable fp32 body runs instead (prefill_attention_portable, below), so
+ * asked with no sequences it answers 0 on every tier.
  * ------------------------------------------------------------------------------------------------ */
 #if defined(AMX_TILES) || (defined(__AVX512F__) && defined(__AVX512BF16__))
 #define PA_KERNEL 1
@@ -903,15 +1243,337 @@ static inline __attribute__((always_inline)) void pa_pv_avx512(const uint16_t *p
 }
 #endif
 
+#ifndef PA_KERNEL
+/* ------------------------------------------------------------------------------------------------
+ * prefill_attention_bf16 without AMX or AVX512-BF16 (the avx2 and generic tiers): the same causal
+ * attention in fp32 on widened bf16 (FMA on AVX2; plain C that the compiler vectorises elsewhere),
+ * flash-attention style. Pass (1) per (sequence, KV head) lays the keys out as fp32 [lk/16][D][16]
+ * (sixteen keys side by side per dimension) and the values as fp32 [lk][DV], zero past the end.
+ * Pass (2) per (sequence, KV head, block of QB query positions): the block's QB·G query rows (every
+ * query head of the group: the rows that share the KV head) go over the keys they see PF_KB at a
+ * time: scores, an online softmax (running max and sum per row, the output rescaled when the max
+ * grows), P·V accumulated in fp32, normalised and rounded to bf16 once. Each key and value loaded
+ * serves all QB·G rows. Unlike the AVX-512 body the probabilities stay fp32 (no bf16 rounding for
+ * a tile product): its results within bf16 rounding of P, and closer to the exact ones.
+ * ------------------------------------------------------------------------------------------------ */
+#define PF_KB 64 /* keys per online-softmax step: a step's scores [QB·G][64] fp32 stay in L1 */
+#ifdef SHOAL_AVX2
+#define PF_RQ 6 /* query rows per score tile: 6 × 16 keys = 12 accumulators */
+#else
+#define PF_RQ 4
+#endif
+
+#ifdef SHOAL_AVX2
+/* r[i] ← column i of the 8 × 8 matrix of rows r[0..8) */
+static inline void transpose8_avx2(__m256 r[8]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+    }
+}
+#endif
+
+/* pass 1 for one (sequence, KV head): keys t < len from the cache, zero from len to lk */
+static void pf_layout(const uint16_t *KC, const uint16_t *VC, const int64_t *tab, int64_t len, int64_t lk, int BS,
+                      int HKV, int h, int D, int DV, float *kt, float *vf) {
+    for (int64_t t0 = 0; t0 < lk; t0 += 16) {
+        /* the sixteen keys sit in one cache block (BS % 16 == 0), rows HKV·D apart */
+        const uint16_t *row[16];
+        for (int n = 0; n < 16; n++)
+            row[n] = t0 + n < len ? KC + ((tab[(t0 + n) / BS] * BS + (t0 + n) % BS) * HKV + h) * (int64_t)D : NULL;
+        float *kd = kt + t0 * D;
+#ifdef SHOAL_AVX2
+        for (int n0 = 0; n0 < 16; n0 += 8)
+            for (int d0 = 0; d0 < D; d0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = row[n0 + i] ? bf16x8_load(row[n0 + i] + d0) : _mm256_setzero_ps();
+                transpose8_avx2(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(kd + (int64_t)(d0 + i) * 16 + n0, r[i]);
+            }
+#else
+        for (int d = 0; d < D; d++)
+            for (int n = 0; n < 16; n++) kd[(int64_t)d * 16 + n] = row[n] ? bf16_to_f32(row[n][d]) : 0.f;
+#endif
+    }
+    for (int64_t t = 0; t < lk; t++) {
+        float *vd = vf + t * DV;
+        if (t >= len) {
+            memset(vd, 0, sizeof(float) * (size_t)DV);
+            continue;
+        }
+        const uint16_t *src = VC + ((tab[t / BS] * BS + t % BS) * HKV + h) * (int64_t)DV;
+        for (int c = 0; c < DV; c++) vd[c] = bf16_to_f32(src[c]);
+    }
+}
+
+/* S[r][0..16) = qf[r] · the sixteen keys of kg ([D][16]) for the rows r < R (qf rows D apart, S rows
+ * ldS apart) */
+static inline __attribute__((always_inline)) void pf_qk(const float *qf, int D, const float *kg, float *S, int ldS,
+                                                        int R) {
+#ifdef SHOAL_AVX2
+    __m256 a[PF_RQ][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const __m256 k0 = _mm256_loadu_ps(kg + d * 16), k1 = _mm256_loadu_ps(kg + d * 16 + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 qd = _mm256_broadcast_ss(qf + r * D + d);
+            a[r][0] = _mm256_fmadd_ps(qd, k0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(qd, k1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(S + r * ldS, a[r][0]);
+        _mm256_storeu_ps(S + r * ldS + 8, a[r][1]);
+    }
+#else
+    float a[PF_RQ][16];
+    for (int r = 0; r < R; r++)
+        for (int n = 0; n < 16; n++) a[r][n] = 0.f;
+    for (int d = 0; d < D; d++)
+        for (int r = 0; r < R; r++) {
+            const float qd = qf[r * D + d];
+            for (int n = 0; n < 16; n++) a[r][n] += qd * kg[d * 16 + n];
+        }
+    for (int r = 0; r < R; r++)
+        for (int n = 0; n < 16; n++) S[r * ldS + n] = a[r][n];
+#endif
+}
+
+/* One online-softmax step of a row: its kn scores s of this key block (kn % 16 == 0), the first vc
+ * visible (the rest are keys past the row's position). Updates the running max m (of the raw
+ * scores) and sum l, turns s into the probabilities (0 where masked) and returns the factor the
+ * row's output so far is scaled by. exp(scale·x) = 2^(l2·x), as the AVX-512 body. */
+static inline float pf_softmax_row(float *s, int kn, int vc, float *m, float *l, float l2) {
+    if (vc <= 0) { /* every key of the block is past this row's position */
+        memset(s, 0, sizeof(float) * (size_t)kn);
+        return 1.f;
+    }
+    float mx = -INFINITY, sum = 0.f;
+    int k = 0;
+#ifdef SHOAL_AVX2
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vm = ninf;
+    for (; k + 8 <= vc; k += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + k));
+    if (k < vc) vm = _mm256_max_ps(vm, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + k), _mm256_castsi256_ps(first_lanes8(vc - k))));
+    mx = reduce8_max(vm);
+#else
+    for (; k < vc; k++) mx = s[k] > mx ? s[k] : mx;
+#endif
+    const float mn = mx > *m ? mx : *m, mnl = mn * l2;
+    const float corr = *m == -INFINITY ? 0.f : exp2f((*m - mn) * l2);
+#ifdef SHOAL_AVX2
+    const __m256 vl2 = _mm256_set1_ps(l2), vmn = _mm256_set1_ps(mnl), lo = _mm256_set1_ps(-149.f);
+    __m256 vs = _mm256_setzero_ps();
+    for (k = 0; k < kn; k += 8) {
+        if (k >= vc) {
+            _mm256_storeu_ps(s + k, _mm256_setzero_ps());
+            continue;
+        }
+        __m256 e = exp2_256(_mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + k), vl2, vmn), lo));
+        if (k + 8 > vc) e = _mm256_and_ps(e, _mm256_castsi256_ps(first_lanes8(vc - k)));
+        _mm256_storeu_ps(s + k, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    sum = reduce8_add(vs);
+#else
+    for (k = 0; k < kn; k++) {
+        s[k] = k < vc ? exp2f(s[k] * l2 - mnl) : 0.f;
+        sum += s[k];
+    }
+#endif
+    *l = *l * corr + sum;
+    *m = mn;
+    return corr;
+}
+
+#ifdef SHOAL_AVX2
+/* O[r][0 .. 8·NV) = O[r]·corr[r] + Σ_k P[r][k] · vf[k][0 .. 8·NV) for rows r < R, keys k < kn (O rows
+ * DV apart, P rows ldP apart, vf rows DV apart); R·NV ≤ 12 accumulators in registers */
+static inline __attribute__((always_inline)) void pf_pv(const float *P, int ldP, const float *vf, int DV, int kn,
+                                                        float *O, const float *corr, int R, int NV) {
+    __m256 a[12];
+    for (int r = 0; r < R; r++) {
+        const __m256 c = _mm256_set1_ps(corr[r]);
+        for (int u = 0; u < NV; u++) a[r * NV + u] = _mm256_mul_ps(_mm256_loadu_ps(O + r * DV + u * 8), c);
+    }
+    for (int k = 0; k < kn; k++) {
+        __m256 v[4];
+        for (int u = 0; u < NV; u++) v[u] = _mm256_loadu_ps(vf + (int64_t)k * DV + u * 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 p = _mm256_broadcast_ss(P + r * ldP + k);
+            for (int u = 0; u < NV; u++) a[r * NV + u] = _mm256_fmadd_ps(p, v[u], a[r * NV + u]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < NV; u++) _mm256_storeu_ps(O + r * DV + u * 8, a[r * NV + u]);
+}
+#endif
+
+static int prefill_attention_portable(const uint16_t *Q, const uint16_t *KC, const uint16_t *VC,
+                                      const int64_t *tables, const int64_t *q_start, const int64_t *q_len,
+                                      const int64_t *seq_lens, uint16_t *O, int S, int HQ, int HKV, int D, int DV,
+                                      int BS, int W, float scale, int nthreads) {
+    const int G = HQ / HKV;
+    /* query positions per item: QB·G rows share each key and value load (16 × G = 48 rows for
+     * 9 query / 3 KV heads) */
+    const int QB = G == 1 ? 32 : G <= 4 ? 16 : 8, MR = QB * G;
+    int64_t *off = malloc(sizeof(int64_t) * ((size_t)S + 1) * 2);
+    if (!off) return -1;
+    int64_t *first = off + S + 1;
+    off[0] = 0, first[0] = 0;
+    for (int s = 0; s < S; s++) {
+        off[s + 1] = off[s] + (seq_lens[s] + 15) / 16 * 16 * HKV * (D + DV);
+        first[s + 1] = first[s] + (q_len[s] + QB - 1) / QB * HKV;
+    }
+    float *lay = aligned_alloc(64, sizeof(float) * (size_t)(off[S] > 0 ? off[S] : 16));
+    if (!lay) {
+        free(off);
+        return -1;
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t item = 0; item < (int64_t)S * HKV; item++) {
+        const int s = (int)(item / HKV), h = (int)(item % HKV);
+        const int64_t lk = (seq_lens[s] + 15) / 16 * 16;
+        float *kt = lay + off[s] + (int64_t)h * lk * (D + DV);
+        pf_layout(KC, VC, tables + (int64_t)s * W, seq_lens[s], lk, BS, HKV, h, D, DV, kt, kt + lk * D);
+    }
+    int failed = 0;
+    const float l2 = scale * 1.44269504088896341f;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* per thread: query rows [MR][D], a step's scores [MR][PF_KB], outputs [MR][DV], and per row
+         * the running max, sum and rescale factor */
+        float *buf = aligned_alloc(64, sizeof(float) * (size_t)MR * (D + PF_KB + DV + 3));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *qf = buf, *sc = qf + (size_t)MR * D, *ob = sc + (size_t)MR * PF_KB, *mrow = ob + (size_t)MR * DV;
+            float *lrow = mrow + MR, *corr = lrow + MR;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < first[S]; item++) {
+                int s = 0;
+                while (first[s + 1] <= item) s++;
+                const int64_t rel = item - first[s];
+                const int h = (int)(rel % HKV);
+                const int64_t n = q_len[s], len = seq_lens[s], lk = (len + 15) / 16 * 16;
+                const int64_t i0 = rel / HKV * QB, rows = n - i0 < QB ? n - i0 : QB;
+                const int64_t pos0 = len - n + i0; /* position of the block's first query */
+                const int64_t seen = pos0 + rows;  /* keys its last row sees */
+                const float *kt = lay + off[s] + (int64_t)h * lk * (D + DV), *vf = kt + lk * D;
+                const int M = (int)rows * G; /* row r: query position i0 + r / G, head h·G + r % G */
+                for (int r = 0; r < M; r++) {
+                    const uint16_t *src = Q + ((q_start[s] + i0 + r / G) * HQ + h * G + r % G) * (int64_t)D;
+                    for (int d = 0; d < D; d++) qf[(size_t)r * D + d] = bf16_to_f32(src[d]);
+                    mrow[r] = -INFINITY, lrow[r] = 0.f;
+                }
+                memset(ob, 0, sizeof(float) * (size_t)M * DV);
+                for (int64_t k0 = 0; k0 < seen; k0 += PF_KB) {
+                    const int kn = (int)((seen + 15) / 16 * 16 - k0 < PF_KB ? (seen + 15) / 16 * 16 - k0 : PF_KB);
+                    for (int j = 0; j < kn; j += 16)
+                        for (int r0 = 0; r0 < M; r0 += PF_RQ) {
+                            const float *qr = qf + (size_t)r0 * D, *kg = kt + (k0 + j) * D;
+                            float *sr = sc + (size_t)r0 * PF_KB + j;
+                            switch (M - r0 < PF_RQ ? M - r0 : PF_RQ) {
+                                case 1: pf_qk(qr, D, kg, sr, PF_KB, 1); break;
+                                case 2: pf_qk(qr, D, kg, sr, PF_KB, 2); break;
+                                case 3: pf_qk(qr, D, kg, sr, PF_KB, 3); break;
+#if PF_RQ > 4
+                                case 4: pf_qk(qr, D, kg, sr, PF_KB, 4); break;
+                                case 5: pf_qk(qr, D, kg, sr, PF_KB, 5); break;
+#endif
+                                default: pf_qk(qr, D, kg, sr, PF_KB, PF_RQ);
+                            }
+                        }
+                    int kmax = 0; /* keys any row sees in this step: P·V stops there */
+                    for (int r = 0; r < M; r++) {
+                        const int64_t v = pos0 + r / G + 1 - k0;
+                        const int vc = v < kn ? (int)v : kn;
+                        corr[r] = pf_softmax_row(sc + (size_t)r * PF_KB, kn, vc, mrow + r, lrow + r, l2);
+                        kmax = vc > kmax ? vc : kmax;
+                    }
+                    const float *vk = vf + k0 * DV;
+#ifdef SHOAL_AVX2
+                    if (DV % 32 == 0) { /* 3 rows × 32 columns */
+                        for (int c0 = 0; c0 < DV; c0 += 32)
+                            for (int r0 = 0; r0 < M; r0 += 3) {
+                                const float *pr = sc + (size_t)r0 * PF_KB;
+                                float *orow = ob + (size_t)r0 * DV + c0;
+                                switch (M - r0 < 3 ? M - r0 : 3) {
+                                    case 1: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 1, 4); break;
+                                    case 2: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 2, 4); break;
+                                    default: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 3, 4);
+                                }
+                            }
+                    } else { /* 6 rows × 16 columns */
+                        for (int c0 = 0; c0 < DV; c0 += 16)
+                            for (int r0 = 0; r0 < M; r0 += 6) {
+                                const float *pr = sc + (size_t)r0 * PF_KB;
+                                float *orow = ob + (size_t)r0 * DV + c0;
+                                switch (M - r0 < 6 ? M - r0 : 6) {
+                                    case 1: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 1, 2); break;
+                                    case 2: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 2, 2); break;
+                                    case 3: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 3, 2); break;
+                                    case 4: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 4, 2); break;
+                                    case 5: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 5, 2); break;
+                                    default: pf_pv(pr, PF_KB, vk + c0, DV, kmax, orow, corr + r0, 6, 2);
+                                }
+                            }
+                    }
+#else
+                    for (int r = 0; r < M; r++) {
+                        float *orow = ob + (size_t)r * DV;
+                        const float *pr = sc + (size_t)r * PF_KB;
+                        for (int c = 0; c < DV; c++) orow[c] *= corr[r];
+                        for (int k = 0; k < kmax; k++) {
+                            const float p = pr[k];
+                            for (int c = 0; c < DV; c++) orow[c] += p * vk[(int64_t)k * DV + c];
+                        }
+                    }
+#endif
+                }
+                for (int r = 0; r < M; r++) {
+                    const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+                    uint16_t *dst = O + ((q_start[s] + i0 + r / G) * HQ + h * G + r % G) * (int64_t)DV;
+                    const float *orow = ob + (size_t)r * DV;
+                    int c = 0;
+#ifdef SHOAL_AVX2
+                    for (; c < DV; c += 8)
+                        _mm_storeu_si128((__m128i *)(dst + c), bf16x8(_mm256_mul_ps(_mm256_loadu_ps(orow + c), _mm256_set1_ps(inv))));
+#endif
+                    for (; c < DV; c++) dst[c] = f32_to_bf16(orow[c] * inv);
+                }
+            }
+        }
+        free(buf);
+    }
+    free(lay), free(off);
+    return failed ? -1 : 0;
+}
+#endif
+
 int prefill_attention_bf16(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                            const int64_t *q_start, const int64_t *q_len, const int64_t *seq_lens, void *out, int S,
                            int HQ, int HKV, int D, int DV, int BS, int W, float scale, int nthreads) {
-#ifndef PA_KERNEL
-    (void)q, (void)k_cache, (void)v_cache, (void)tables, (void)q_start, (void)q_len, (void)seq_lens, (void)out;
-    (void)S, (void)HQ, (void)HKV, (void)D, (void)DV, (void)BS, (void)W, (void)scale, (void)nthreads;
-    return -2;
-#else
+    /* the shapes the AVX-512 body takes, on every tier (the portable one needs no more than BS % 16) */
     if (D % 32 || DV % 16 || BS % 16 || HQ % HKV) return -2;
+#ifndef PA_KERNEL
+    return prefill_attention_portable(q, k_cache, v_cache, tables, q_start, q_len, seq_lens, out, S, HQ, HKV, D, DV,
+                                      BS, W, scale, nthreads);
+#else
 #ifdef AMX_TILES
     const int amx = amx_permitted();
 #else
