@@ -21,6 +21,11 @@ pytestmark = [pytest.mark.skipif(kernels.library() is None, reason="no C compile
               pytest.mark.usefixtures("cpu_tier")]
 
 
+def _skip_unless_ops() -> None:
+    if not kernels.torch_ops():
+        pytest.skip("the C++ torch operators are not built here")
+
+
 def _skip_unless_simd(what: str = "qgemv.c's SIMD kernels or their torch operators") -> None:
     """Skip on the generic tier (scalar C only), where these kernels are not built; any other tier
     without them is a failure."""
@@ -141,7 +146,7 @@ def test_repack_refuses_scales_outside_fp16():
 
 def test_operators_in_a_compiled_graph_with_the_cpp_wrapper():
     """The batch-1 decode step's configuration: the C++ wrapper calls the C++-registered operators."""
-    _skip_unless_simd()
+    _skip_unless_ops()  # every tier has these kernels (the generic one in portable C)
     w4, _ = _weights(192, 576, seed=6)
     packed = kernels.repack_int4(w4.codes, w4.scales, w4.zeros)
     g = torch.Generator().manual_seed(8)
@@ -196,7 +201,7 @@ def test_vnni_quant_gemm_matches_its_reference(dtype, kind, m, n, k):
     cover one row, partial 8-row blocks, the 6-row × 2-block tiles (from 12 rows: partial tiles, an odd
     last column block, threads splitting columns or, from 48 rows, rows) and more than 96; through the
     C++ operators and ctypes."""
-    _skip_unless_simd()
+    _skip_unless_ops()  # every tier has these kernels (the generic one in portable C)
     w4, w8 = _weights(n, k, seed=n + k + m)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
     cols, kc = kernels.to_columns(packed, kind_)
@@ -220,7 +225,7 @@ def test_vnni_glu_matches_its_reference(kind, m, n, k):
     """shoal::quant_gemm_glu (quant_gemm_vnni's tiles pairing gate block j with up block j + n/32, the
     activation in the epilogue): silu(g)·u of the kernel arithmetic's fp32 products, rounded to bf16
     once; and the platform's quant_linear_silu_mul routes prompt-sized rows to it."""
-    _skip_unless_simd()
+    _skip_unless_ops()  # every tier has these kernels (the generic one in portable C)
     w4, w8 = _weights(n, k, seed=n + k + m)
     packed, kind_, (scaled, offs) = _int4_case(w4) if kind == 4 else _int8_case(w8)
     cols, kc = kernels.to_columns(packed, kind_)
@@ -246,7 +251,7 @@ def test_vnni_tiles_are_the_same_on_any_number_of_threads(m):
     """quant_gemm_vnni's tiles split work by worksplit.h (runs of row blocks for prompts, of column tiles
     for decode batches; a thread that runs out takes from another's back): which thread computes a
     tile must not change it. Bit-identical with 1, 2, 3 and 7 threads (7 on 2 cores: uneven)."""
-    _skip_unless_simd()
+    _skip_unless_ops()  # every tier has these kernels (the generic one in portable C)
     n, k = 1024, 320
     w4, _ = _weights(n, k, seed=m)
     packed, kind_, _ = _int4_case(w4)

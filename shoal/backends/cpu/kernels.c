@@ -20,6 +20,7 @@
 #endif
 
 #include "amx.h"
+#include "kernels.h" /* every exported kernel's signature, checked against the definitions here */
 #include "scalar.h"
 #include "simd_avx2.h"
 #include "worksplit.h"

@@ -20,6 +20,11 @@
  * - int8: bytes w + 128 (so they are the unsigned operand; the 128·Σx term is subtracted once per
  *   activation row), 64 per pair; one fp32 scale per output row.
  * The activation row is quantized into the same lane order.
+ *
+ * Three bodies, by the tier the file is compiled for: the VNNI one here (QG_FAST: x86-64-v4 with
+ * AVX512-VNNI), the AVX2 one in qgemv_avx2.h (QG_AVX2: x86-64-v3, vpmaddubsw in place of vpdpbusd),
+ * and the scalar reference (any CPU, e.g. aarch64). All three compute the same int8 activations and
+ * int32 group sums; fp32 summation order differs.
  */
 #include <math.h>
 #include <omp.h>
@@ -33,13 +38,23 @@
 #else
 #define QG_FAST 0
 #endif
+/* the AVX2 body (qgemv_avx2.h: x86-64-v3, e.g. AMD Zen 2/3) where the VNNI one is not compiled in;
+ * neither: the scalar reference (any CPU) */
+#if !QG_FAST && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QG_AVX2 1
+#include <immintrin.h>
+#else
+#define QG_AVX2 0
+#endif
 
+#include "kernels.h" /* every exported kernel's signature, checked against the definitions here */
 #include "scalar.h"
 #include "worksplit.h"
 
 #define QG_MAXR 4   /* activation rows per pass over the weights */
 #define QG_CHUNK 64 /* output rows per work item */
 #define QG_STACK 16384 /* bytes of quantized activations kept on the stack */
+#define QG_COLS 16 /* kind flag: the column layout (kernels.to_columns) */
 /* GEMV: weight rows prefetched ahead of the one being read (0: none); a variable so that a
  * benchmark can compare settings in one process (qgemv_set_prefetch) */
 static int qg_pf_rows = 8;
@@ -48,10 +63,15 @@ int qgemv_set_prefetch(int rows) {
     qg_pf_rows = rows < 0 ? 0 : rows;
     return old;
 }
+#if defined(__x86_64__) || defined(__i386__)
 static inline void qg_prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+#else
+static inline void qg_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+#endif
 
-/* 1 when the VNNI path was compiled (the scalar path is a correct but slow reference) */
-int qgemv_fast(void) { return QG_FAST; }
+/* 1 when the VNNI body was compiled, 2 the AVX2 one, 0 neither (the scalar path is a correct but
+ * slow reference) */
+int qgemv_fast(void) { return QG_FAST ? 1 : QG_AVX2 ? 2 : 0; }
 
 static inline float qg_half(uint16_t h) { /* IEEE fp16 → fp32 */
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
@@ -302,6 +322,10 @@ static int qg_scratch_get(int M, int Kp, qg_scratch *sc) {
     return 0;
 }
 
+#if QG_AVX2
+#include "qgemv_avx2.h"
+#endif
+
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads);
 
@@ -343,6 +367,16 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
         break;
             switch (R) { QG_CASE(1) QG_CASE(2) QG_CASE(3) QG_CASE(4) }
 #undef QG_CASE
+#elif QG_AVX2
+#define QG_CASE(RR)                                                                                           \
+    case RR:                                                                                                  \
+        if (kind == 4)                                                                                        \
+            q2_int4_rows(w0, w1, w2, n0, n1, P, G, xr, dr, sr, Kp, RR, yr, ldy, is_bf16);                     \
+        else                                                                                                  \
+            q2_int8_rows(w0, w1, n0, n1, P, xr, dr, Kp, RR, yr, ldy, is_bf16);                                \
+        break;
+            switch (R) { QG_CASE(1) QG_CASE(2) QG_CASE(3) QG_CASE(4) }
+#undef QG_CASE
 #else
             if (kind == 4)
                 int4_rows_scalar(w0, w1, w2, n0, n1, P, G, xr, dr, sr, Kp, R, yr, ldy, is_bf16);
@@ -366,14 +400,15 @@ int quant_gemv(int kind, const void *x, int64_t ldx, const void *w0, const void 
  * (one 16-column block × up to 12 rows); from it, the 6-row × 2-block tiles (qv_tiled, assembly).
  * The activations are quantized as in quant_gemv (int8 per group of 32, scale amax / 127, round to
  * nearest even, quantized group sums for int4's offsets): the same numbers, summed in another order.
- * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build, N % 16).
+ * Returns 0; -1 when scratch allocation failed; -2 when it does not apply (N % 16, another kind).
+ * Builds without VNNI run the same layout and arithmetic on the AVX2 body (q2_gemm, qgemv_avx2.h) or
+ * the scalar one (qs_gemm, below).
  * ------------------------------------------------------------------------------------------------ */
 #if QG_FAST
 /* activation rows per register block: 12 int32 and 12 fp32 accumulators. The default model's 30
  * layers at 32 / 64 rows on a 2-core AMD EPYC: 8 rows 9.3 / 16.9 ms, 12 rows 9.0 / 16.2, 16 rows
  * (spills) 10.4 / 19.7 */
 #define QV_MR 12
-#define QG_COLS 16 /* kind flag: the column layout (kernels.to_columns) */
 
 /* 16 fp32 → bf16, round to nearest even (as f32_to_bf16; NaN not kept quiet without AVX512-BF16) */
 static inline __m256i qv_bf16(__m512 v) {
@@ -1013,20 +1048,81 @@ static int qv_tiled(int kind, const void *x, int64_t ldx, const void *w0, const 
 #define QV_MIN_TILED 12
 #endif
 
-/* the batched kernels' body where VNNI is not compiled in: "does not apply" */
-#define QG_NOT_BUILT()                                                                                       \
-    do {                                                                                                     \
-        (void)kind, (void)x, (void)ldx, (void)w0, (void)w1, (void)w2, (void)y, (void)ldy, (void)M, (void)N;  \
-        (void)K, (void)is_bf16, (void)nthreads;                                                              \
-        return -2;                                                                                           \
-    } while (0)
+#if !QG_FAST && !QG_AVX2
+/* The column layout's scalar body (any CPU, e.g. aarch64; slow, but shoal's fused paths run): the
+ * arithmetic of int4_rows_scalar / int8_rows_scalar on quantize_row's activations, each code read
+ * where to_columns put it (the block layouts above qv_rows). Row r of xq against the 16 outputs of
+ * column block wb → o[0..16); int8 bytes are taken as q (byte − 128), so no offset term. */
+static void qs_cols(int kind, const uint8_t *wb, const uint16_t *sb, const uint16_t *mb, const float *osc,
+                    const int8_t *xq, const float *dx, const float *xs, int K, int Kp, float *o) {
+    const int P = Kp / 64, G = (K + 31) / 32;
+    for (int i = 0; i < 16; i++) {
+        float acc = 0.f;
+        for (int g = 0; g < G; g++) {
+            const int p = g >> 1, par = g & 1, tail = (kind & 15) == 4 && (P & 1) && p == P - 1;
+            int32_t isum = 0;
+            for (int e = 0; e < 32; e++) {
+                const int lp = ((e >> 2) << 3) | (par << 2) | (e & 3); /* lane position in pair p */
+                int w;
+                if ((kind & 15) == 8) {
+                    w = (int)wb[(int64_t)p * 1024 + (lp >> 2) * 64 + 4 * i + (lp & 3)] - 128;
+                } else if (tail) { /* 32 bytes: value j low, j + 32 high */
+                    const uint8_t c = wb[(int64_t)(p >> 1) * 1024 + ((lp & 31) >> 2) * 64 + 4 * i + (lp & 3)];
+                    w = lp < 32 ? c & 15 : c >> 4;
+                } else { /* a 64-byte block: pair p's values in the low (even p) or high (odd p) nibbles */
+                    const uint8_t c = wb[(int64_t)(p >> 1) * 1024 + (lp >> 2) * 64 + 4 * i + (lp & 3)];
+                    w = (c >> (4 * (p & 1))) & 15;
+                }
+                isum += w * xq[64 * p + lp];
+            }
+            if ((kind & 15) == 4)
+                acc += (float)isum * dx[g] * qg_half(sb[g * 16 + i]) + qg_half(mb[g * 16 + i]) * xs[g];
+            else
+                acc += (float)isum * dx[g];
+        }
+        o[i] = (kind & 15) == 8 ? osc[i] * acc : acc;
+    }
+}
+
+/* quant_gemm_vnni / _glu on the scalar body: rows quantized once, column blocks (glu: gate block t
+ * with up block t + N/32) split across threads */
+static int qs_gemm(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
+                   int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads, int glu) {
+    const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
+    const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
+    const int64_t NT = glu ? NB / 2 : NB;
+    qg_scratch sc;
+    if (qg_scratch_get(M, Kp, &sc)) return -1;
+    for (int r = 0; r < M; r++)
+        quantize_row((const char *)x + (size_t)r * ldx * (is_bf16 ? 2 : 4), K, Kp, is_bf16, sc.xq + (size_t)r * Kp,
+                     sc.dx + (size_t)r * Gp, sc.xs + (size_t)r * Gp);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < NT; t++)
+        for (int r = 0; r < M; r++) {
+            float o[2][16];
+            for (int v = 0; v < (glu ? 2 : 1); v++) {
+                const int64_t nb = t + (glu ? v * (NB / 2) : 0);
+                qs_cols(kind, (const uint8_t *)w0 + nb * bbytes, (const uint16_t *)w1 + nb * 16 * Gp,
+                        (const uint16_t *)w2 + nb * 16 * Gp, (const float *)w1 + nb * 16, sc.xq + (size_t)r * Kp,
+                        sc.dx + (size_t)r * Gp, sc.xs + (size_t)r * Gp, K, Kp, o[v]);
+            }
+            for (int i = 0; i < 16; i++) {
+                const float g = o[0][i];
+                st(y, (int64_t)r * ldy + 16 * t + i, glu ? g / (1.f + expf(fminf(-g, 88.f))) * o[1][i] : g, is_bf16);
+            }
+        }
+    return 0;
+}
+#endif
 
 int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                     int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
-#if !QG_FAST
-    QG_NOT_BUILT();
-#else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 16 || K < 1) return -2;
+#if QG_AVX2
+    return q2_gemm(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
+#elif !QG_FAST
+    return qs_gemm(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
+#else
     if (M >= QV_MIN_TILED) return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 0);
     const int Kp = (K + 63) / 64 * 64, Gp = Kp / 32;
     const int64_t NB = N / 16, bbytes = (kind & 15) == 4 ? 16 * (int64_t)Kp / 2 : 16 * (int64_t)Kp;
@@ -1077,14 +1173,16 @@ int quant_gemm_vnni(int kind, const void *x, int64_t ldx, const void *w0, const 
 /* SwiGLU's first half in one pass: y[M, N/2] = silu(x · Wgᵀ) · (x · Wuᵀ) for a column-layout weight whose
  * first N/2 outputs are the gate projection and the last N/2 the up projection (a merged gate_up
  * weight); the products exactly as quant_gemm_vnni's tiles, silu and the product in fp32, y rounded
- * once. Returns 0; -1 when scratch allocation failed; -2 when it does not apply (no VNNI build,
- * N % 32). */
+ * once. Returns 0; -1 when scratch allocation failed; -2 when it does not apply (N % 32, another
+ * kind). */
 int quant_gemm_vnni_glu(int kind, const void *x, int64_t ldx, const void *w0, const void *w1, const void *w2, void *y,
                         int64_t ldy, int M, int64_t N, int K, int is_bf16, int nthreads) {
-#if !QG_FAST
-    QG_NOT_BUILT();
-#else
     if ((kind != (QG_COLS | 4) && kind != (QG_COLS | 8)) || M < 1 || N % 32 || K < 1) return -2;
+#if QG_AVX2
+    return q2_gemm(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 1);
+#elif !QG_FAST
+    return qs_gemm(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 1);
+#else
     return qv_tiled(kind, x, ldx, w0, w1, w2, y, ldy, M, N, K, is_bf16, nthreads, 1);
 #endif
 }
