@@ -118,3 +118,12 @@ def test_an_op_without_a_check_is_skipped_not_passed(monkeypatch):
     monkeypatch.delitem(conf.CHECKS, "linear")
     res = run_op_checks(CpuPlatform(), [torch.float32], seed=0, ops=["linear"])
     assert [r.status for r in res] == ["skip"] and "NOT verified" in res[0].detail
+
+
+def test_every_op_check_passes_on_every_tier(cpu_tier):
+    """The op checks (every op, fp32 and bf16) on each ISA tier of shoal's kernels this CPU has (the
+    CLI test above runs the best one only): what an AVX2-only or a plain x86-64 CPU would run."""
+    res = run_op_checks(CpuPlatform(), [torch.float32, torch.bfloat16], seed=7)
+    bad = [(r.op, r.dtype, r.status, r.detail[:200]) for r in res if r.status not in ("pass", "skip")]
+    assert not bad, f"{cpu_tier}: {bad}"
+    assert sum(r.status == "pass" for r in res) > 100
