@@ -161,7 +161,9 @@ def main() -> int:
                 summary["raw"].setdefault(name, []).append(missing)
                 continue
             print(f"round {rnd + 1}: {name} (load {loadavg():.2f}) …", flush=True)
-            res = run(py, script, ["--runs", str(a.runs), "--recipe", a.recipe], a.timeout, engine_env(name, a.isa))
+            extra = ["--dtype", "float32"] if name == "transformers" and a.isa == "avx2" else []  # no fast bf16 there
+            res = run(py, script, ["--runs", str(a.runs), "--recipe", a.recipe, *extra], a.timeout,
+                      engine_env(name, a.isa))
             print(f"  {json.dumps({k: v for k, v in res.items() if not k.endswith('_runs')})[:400]}", flush=True)
             summary["raw"].setdefault(name, []).append(res)
     for name, results in summary["raw"].items():

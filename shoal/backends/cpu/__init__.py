@@ -42,6 +42,13 @@ def _weight_class(qweight) -> str:  # noqa: ANN001 — a layers.quant.QuantizedW
     return "int4-wide" if wide else "int4"
 
 
+# dtype → routing's name for it (a dict lookup: `str(dtype)` breaks a compiled graph, and a graph broken
+# after a matmul left inductor's C++ wrapper an undeclared size symbol)
+# asked once (dynamo will not trace the call: a compiled graph would break at each matmul)
+_MKLDNN = torch.backends.mkldnn.is_available()
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def _caps() -> routing.Caps:
     return routing.Caps(amx=kernels.amx_gemm(), simd=kernels.gemv_fast(), ops=kernels.torch_ops(),
                         int8_prompts=_int8_prompts, onednn_bf16=_onednn_bf16(),
@@ -53,7 +60,7 @@ def _onednn_bf16() -> bool:
     DQ) or AVX-NE-CONVERT, so they follow the tier in use (SHOAL_CPU_ISA=avx2 on an AVX-512 CPU takes
     the AVX2 CPU's paths)."""
     t = kernels.tier() or isa.best_tier()
-    return torch.backends.mkldnn.is_available() and isa.at_least(t, "avx512")
+    return _MKLDNN and isa.at_least(t, "avx512")
 
 
 def _gemv_packed(qweight):  # noqa: ANN001, ANN202
@@ -83,7 +90,7 @@ def _packed(qweight, dtype: torch.dtype):  # noqa: ANN001, ANN202 — a layers.q
     hit = qweight.kernel_cache.get(key)
     if hit is not None or key in qweight.kernel_cache:
         return hit
-    form = routing.packed_form(str(dtype).removeprefix("torch."), _caps(), _weight_class(qweight),
+    form = routing.packed_form(_DTYPE_NAMES.get(dtype, "other"), _caps(), _weight_class(qweight),
                                qweight.out_features)
     out = _gemv_packed(qweight) if form == "gemv" else _torch_packed(qweight, dtype) if form else None
     qweight.kernel_cache[key] = out
@@ -185,7 +192,7 @@ def quant_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None) -> torch.T
     - otherwise a dense matmul on the dequantized weight (oneDNN, prepacked)."""
     x2 = x.reshape(-1, x.shape[-1])
     rows, n, k = x2.shape[0], qweight.out_features, x2.shape[1]
-    route = routing.linear_kernel(rows, str(x.dtype).removeprefix("torch."), n, k, _caps(), _weight_class(qweight))
+    route = routing.linear_kernel(rows, _DTYPE_NAMES.get(x.dtype, "other"), n, k, _caps(), _weight_class(qweight))
     if route == "native":
         return native.quant_linear(x, qweight, bias)
     if route == "panel_gemm":
