@@ -50,13 +50,17 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-ISA_ENV = {"native": {}, "avx2": {"SHOAL_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+# the capped runs compile into their own inductor cache: torch's cache key does not include
+# ATEN_CPU_CAPABILITY, and artifacts built under the cap broke uncapped processes afterwards
+ISA_ENV = {"native": {}, "avx2": {"SHOAL_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                  "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_shoal_avx2"}}
 
 
 def engine_env(name: str, isa: str) -> dict[str, str]:
     env = dict(os.environ) | ISA_ENV[isa]
     if name == "shoal-generic":
         env["SHOAL_CPU_ISA"] = "generic"
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_shoal_generic")
     return env
 
 

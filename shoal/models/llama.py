@@ -109,15 +109,18 @@ class LlamaModel(nn.Module):
 
     def stack_spec(self) -> DenseStackSpec:
         """The layers as specs, rebuilt when their KV caches are rebound (kept between steps: a platform
-        keeps what it derives from them in their `derived` dicts; not kept inside a compiled graph)."""
-        caches = tuple((layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache) for layer in self.layers)
-        hit = self.__dict__.get("_stack_spec")
-        if (hit is None or len(hit[0]) != len(caches)
-                or any(a is not c or b is not d for (a, b), (c, d) in zip(hit[0], caches))):
-            hit = (caches, DenseStackSpec(tuple(layer.spec() for layer in self.layers)))
-            if not torch.compiler.is_compiling():
-                self.__dict__["_stack_spec"] = hit
-        return hit[1]
+        keeps what it derives from them in their `derived` dicts; not kept inside a compiled graph).
+        The check reads each layer's attention module from a list kept beside the spec (nn.Module
+        attribute lookups made it ~100 µs a step for 30 layers)."""
+        compiling = torch.compiler.is_compiling()
+        hit = None if compiling else self.__dict__.get("_stack_spec")
+        if hit is not None and all(a.k_cache is k and a.v_cache is v for a, k, v in hit[0]):
+            return hit[1]
+        attns = [layer.self_attn.attn for layer in self.layers]
+        spec = DenseStackSpec(tuple(layer.spec() for layer in self.layers))
+        if not compiling:
+            self.__dict__["_stack_spec"] = ([(a, a.k_cache, a.v_cache) for a in attns], spec)
+        return spec
 
 
 class LlamaForCausalLM(nn.Module):
