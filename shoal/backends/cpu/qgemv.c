@@ -43,6 +43,8 @@
 #if !QG_FAST && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QG_AVX2 1
 #include <immintrin.h>
+
+#include "simd_avx2.h" /* exp256, shared with kernels.c's AVX2 bodies */
 #else
 #define QG_AVX2 0
 #endif

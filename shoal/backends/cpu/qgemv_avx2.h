@@ -49,29 +49,9 @@ static inline void q2_store8(void *y, int64_t i, __m256 v, int is_bf16) {
     else _mm256_storeu_ps((float *)y + i, v);
 }
 
-/* e^x for x ≤ 88 (exp512's polynomial; 2^n applied in two halves so that n down to −149 needs no
- * subnormal exponent field) */
-static inline __m256 q2_exp(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-103.f));
-    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.5353362e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398874e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6180369e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503406e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022652e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
-    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
-    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-}
-
 /* silu(g)·u in fp32 (as silu_mul512) */
 static inline __m256 q2_silu_mul(__m256 g, __m256 u) {
-    const __m256 e = q2_exp(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.f)));
+    const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.f)));
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
 }
 
