@@ -117,6 +117,13 @@ class Platform:
         """Name of the graph-capture mechanism (e.g. "cuda_graph"), or None."""
         return None
 
+    def warm_up_prompt_tokens(self, chunk: int) -> int:
+        """How many prompt tokens the start-up warm-up runs in one step (up to a full prompt chunk):
+        enough that every weight form prompt rows need is built before the first request. The
+        default is the whole chunk; a platform whose prompt rows use no form a 96-token prompt does
+        not build may ask for less, and start faster."""
+        return chunk
+
     def op_kernels(self) -> dict[str, str]:
         """For `shoal doctor`: which kernel (and instruction set) each overridden op runs on this
         device, where the platform can say more than the op's module path."""

@@ -193,7 +193,7 @@ class ModelRunner:
         # is what serving needs. The larger one is a full
         # prompt chunk (at most 2,048 rows, in 128-token prompts: start-up stays short for big models)
         self._logits(self._dummy_batch(1, 96 if slots >= 96 else 32))
-        chunk = min(self.cfg.scheduler.max_num_batched_tokens, 2048)
+        chunk = self.platform.warm_up_prompt_tokens(min(self.cfg.scheduler.max_num_batched_tokens, 2048))
         if chunk > 96 and slots >= 128:
             self._logits(self._dummy_batch(max(1, chunk // 128), 128))
         self._logits(self._dummy_batch(1, 1))

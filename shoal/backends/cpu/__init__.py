@@ -576,6 +576,14 @@ class CpuPlatform(Platform):
         st = _derived(stack_spec(), "cpu-stack", _stack_static)
         return st is not None and (max_rows <= PACKED_MAX_ROWS or st[1])
 
+    def warm_up_prompt_tokens(self, chunk: int) -> int:
+        """96 tokens where bf16 prompt rows take the int8-activation tiles (`int8_prompts`: a SIMD tier
+        without AMX), whose layout the 96-token warm-up step already builds (float32 prompts' dense
+        copies too); elsewhere the whole chunk, since prompt rows build forms of their own on first
+        use (AMX: panel tiles for 97-1,536 rows, oneDNN's prepacked copies above; the dense bf16
+        copies of the generic tier or of SHOAL_CPU_PROMPT_ACTIVATIONS=bf16)."""
+        return min(chunk, 96) if int8_prompts() else chunk
+
     def op_kernels(self) -> dict[str, str]:
         """The kernel each op runs here, with the ISA tier it was built for (isa.py)."""
         t = kernels.tier()
