@@ -36,9 +36,7 @@ def _weight_class(qweight) -> str:  # noqa: ANN001 — a layers.quant.QuantizedW
         return "int4-other"
     wide = qweight.kernel_cache.get("cpu-int4-wide")
     if wide is None:
-        offs = qweight.zeros.float() - 8 * qweight.scales.float()
-        wide = qweight.kernel_cache["cpu-int4-wide"] = max(qweight.scales.abs().max().item(),
-                                                          offs.abs().max().item()) >= kernels.F16_MAX
+        wide = qweight.kernel_cache["cpu-int4-wide"] = not kernels.int4_fits_fp16(qweight.scales, qweight.zeros)
     return "int4-wide" if wide else "int4"
 
 

@@ -101,6 +101,7 @@ def build_tier(tier: str, cc: tuple[str, str]) -> Path | str:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building shoal's %s CPU kernels (once; `make install` builds them ahead)", tier)
     flags = isa.compile_flags(tier) + COMMON_FLAGS
     with tempfile.TemporaryDirectory() as tmpdir:
         objects = []
@@ -154,6 +155,8 @@ def build_entry(cc: tuple[str, str], cxx: tuple[str, str] | None) -> tuple[Path,
     if out.exists():
         return out, has_ops
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building shoal's CPU kernel entry library%s (once; `make install` builds it ahead)",
+             " with torch operators" if has_ops else "")
     with tempfile.TemporaryDirectory() as tmpdir:
         obj = os.path.join(tmpdir, "dispatch.o")
         err = _run([cc[0], "-O2", "-fPIC", "-c", str(DIR / ENTRY_SOURCE), "-o", obj])

@@ -77,9 +77,6 @@ def _compile() -> ctypes.CDLL | None:
         log.warning("no C compiler found (set CC): shoal's CPU kernels are off, plain-torch ops run instead")
         return None
     cxx = build.cxx_compiler()
-    path, _ = build.entry_path(cc, cxx)
-    if not path.exists() or not build.tier_path(tier, cc).exists():
-        log.info("building shoal's CPU kernels (once; `make install` builds them ahead)")
     entry = build.build_entry(cc, cxx)
     if isinstance(entry, str):
         log.warning("building shoal's CPU kernels failed: plain-torch ops run instead\n%s", entry)
@@ -444,7 +441,13 @@ def _groups_padded(t: torch.Tensor, kp: int) -> torch.Tensor:
     return out
 
 
-F16_MAX = 65504.0
+_F16_MAX = 65504.0
+
+
+def int4_fits_fp16(scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+    """qgemv.c's int4 layout stores s and m = z − 8s in fp16: whether both fit."""
+    offs = zeros.float() - 8 * scales.float()
+    return max(scales.abs().max().item(), offs.abs().max().item()) < _F16_MAX
 
 
 def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -453,9 +456,9 @@ def repack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     fp16 (the caller keeps torch's kernel)."""
     n = codes.shape[0]
     q = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)  # [N, K] in 0..15
-    offs = zeros.float() - 8 * scales.float()
-    if max(scales.abs().max().item(), offs.abs().max().item()) >= F16_MAX:
+    if not int4_fits_fp16(scales, zeros):
         return None
+    offs = zeros.float() - 8 * scales.float()
     lanes = _lane_order(q, 0)
     kp = lanes.shape[1]
     pairs = kp // 64
