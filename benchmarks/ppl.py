@@ -30,7 +30,7 @@ from common import ROOT, THREADS, VENVS, emit  # noqa: E402
 
 TEXT = ROOT / "data" / "ppl" / "gettysburg_address.txt"
 LLAMACPP_PY = VENVS / "llamacpp" / "bin" / "python"
-SHOAL_OPTS = dict(progress=False, kv_cache_memory=64 * 2**20)
+SHOAL_OPTS = dict(progress=False, kv_cache_memory=64 * 2**20, max_model_len=1024)
 
 
 def llamacpp_child(gguf: str) -> int:

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# seeds go to torch.Generator.manual_seed, which takes a 64-bit integer
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _bad(name: str, why: str) -> ValueError:
+    """A refused value; `param` names the field for the server's 400."""
+    err = ValueError(f"{name} {why}")
+    err.param = name  # type: ignore[attr-defined]
+    return err
 
 
 @dataclass
@@ -35,31 +46,47 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            err = ValueError(f"{name} {why}")
-            err.param = name  # type: ignore[attr-defined]
-            return err
-
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise _bad(name, f"must be a finite number, got {getattr(self, name)}")
         if self.n < 1:
-            raise bad("n", f"must be at least 1, got {self.n}")
+            raise _bad("n", f"must be at least 1, got {self.n}")
         if self.temperature < 0:
-            raise bad("temperature", f"must be non-negative, got {self.temperature}")
+            raise _bad("temperature", f"must be non-negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+            raise _bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
+            raise _bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
+            raise _bad("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+            raise _bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+            raise _bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+            raise _bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+            raise _bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
+            raise _bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            raise _bad("seed", f"must be a 64-bit signed integer, got {self.seed}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise _bad("stop_token_ids", "must be non-negative token ids")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: every token id and top_k within its vocabulary."""
+        if self.top_k > vocab_size:
+            raise _bad("top_k", f"must be at most the vocabulary size ({vocab_size}), got {self.top_k}")
+        bad_ids = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad_ids:
+            raise _bad("stop_token_ids", f"must be below the vocabulary size ({vocab_size}), got {bad_ids[0]}")
+
+    def child_seed(self, i: int) -> int | None:
+        """The seed of the i-th of n samples: seed + i, wrapped into 64 bits."""
+        if self.seed is None:
+            return None
+        return (self.seed + i - INT64_MIN) % 2**64 + INT64_MIN
 
     @property
     def greedy(self) -> bool:

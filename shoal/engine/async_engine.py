@@ -51,6 +51,7 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._adds: list[tuple[str, str | list[int] | dict, SamplingParams]] = []
         self._stop = False
+        self._draining = False
         self._stats: dict[str, float] = {}
         self._thread = threading.Thread(target=self._main, args=(cfg,), name="shoal-engine", daemon=True)
         self._thread.start()
@@ -86,6 +87,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def max_waiting(self) -> int:
+        return self.engine.cfg.scheduler.max_waiting
+
     def stats(self) -> dict[str, float]:
         """A snapshot taken by the engine thread after each step (safe to read from any thread)."""
         return dict(self._stats)
@@ -100,7 +105,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yields cumulative RequestOutputs until finished. Cancelling the consumer aborts the
         request and frees its KV blocks."""
-        if self._stop:
+        if self._stop or self._draining:
             raise EngineDeadError("engine is shutting down")
         if self.engine.scheduler.num_waiting + len(self._adds) >= self.engine.cfg.scheduler.max_waiting:
             raise EngineOverloaded("waiting queue is full")
@@ -128,6 +133,21 @@ class AsyncEngine:
         with self._lock:
             self._streams.pop(request_id, None)
             self._aborts.append(request_id)
+        self._wake.set()
+
+    def fail_all(self, reason: str) -> None:
+        """End every open request with EngineDeadError(reason) (the server answers 503 / sends an
+        error event) and refuse new ones; the engine frees their KV blocks. For a drain that ran
+        out of time."""
+        self._draining = True
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            self._aborts.extend(streams)
+        for stream in streams.values():
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(reason))
+            except RuntimeError:  # the event loop is gone
+                pass
         self._wake.set()
 
     def shutdown(self) -> None:
@@ -171,7 +191,7 @@ class AsyncEngine:
                 continue
             try:
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, out if out.error is None else out.error)
             except Exception as exc:  # noqa: BLE001 - keep serving; fail the requests in flight
                 log.exception("engine step failed; aborting the requests in flight")
                 for rid in list(self.engine.groups):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 from shoal.backends import current_platform, resolve_platform, set_platform
-from shoal.config import EngineConfig, SchedulerConfig
+from shoal.config import ConfigError, EngineConfig, SchedulerConfig
 from shoal.engine.block_manager import BlockManager
-from shoal.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from shoal.engine.outputs import CompletionOutput, RequestFailed, RequestMetrics, RequestOutput, TokenLogprob
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.scheduler import Scheduler
 from shoal.executor.model_runner import ModelRunner
@@ -56,6 +57,7 @@ class _Group:
     samples: list[_Sample]
     metrics: RequestMetrics
     aborted: bool = False
+    error: RequestFailed | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -74,6 +76,7 @@ class LLMEngine:
         self.platform = platform
         self.max_model_len = min(cfg.scheduler.max_model_len, self.model_config.max_position_embeddings)
         self.runner = ModelRunner(cfg, self.model_config, self.source, platform, self.max_model_len, progress)
+        _check_kv_capacity(self.runner, self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.runner.block_size, cfg.cache.enable_prefix_caching
         )
@@ -120,8 +123,9 @@ class LLMEngine:
             raise EngineOverloaded(f"waiting queue full ({self.scheduler.num_waiting} requests)")
         text: str | None = None
         if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
+            if "prompt_token_ids" in prompt:  # tokenized by the caller, perhaps with its text
                 ids = list(prompt["prompt_token_ids"])
+                text = prompt.get("prompt")
             else:
                 text = prompt["prompt"]
                 ids = self.tokenizer.encode(text)
@@ -133,6 +137,7 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
+        params.check_vocab(vocab)
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
@@ -172,6 +177,21 @@ class LLMEngine:
         group.aborted = True
         return self._output(group)
 
+    def _fail(self, rid: str, err: RequestFailed, changed: dict[str, _Group]) -> None:
+        """End the whole user request that scheduler request `rid` belongs to (all n samples) with
+        `err`; the rest of the batch is untouched."""
+        entry = self._by_req.get(rid)
+        if entry is None:
+            return
+        group = entry[0]
+        log.warning("request %s failed: %s", group.request_id, err)
+        for s in group.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "error"
+        self.abort_request(group.request_id)
+        group.error = err
+        changed[group.request_id] = group
+
     def has_unfinished(self) -> bool:
         return bool(self.groups)
 
@@ -206,28 +226,42 @@ class LLMEngine:
             for s in out.scheduled
         )
         result = self.runner.execute(out, blocked)
+        for rid, err in result.errors.items():
+            self._fail(rid, err, changed)
         self.scheduler.update_after_step(out, result.sampled)
         now = time.monotonic()
         for rid, tok in result.sampled.items():
-            g, smp = self._by_req[rid]
-            self.num_generation_tokens += 1
-            if g.metrics.first_token_time is None:
-                g.metrics.first_token_time = now
-            g.metrics.last_token_time = now
-            if rid in result.logprobs and smp.logprobs is not None:
-                lp, top = result.logprobs[rid]
-                smp.cumulative_logprob += lp
-                smp.logprobs.append(
-                    TokenLogprob(tok, self._tok_text(tok), lp, [(i, self._tok_text(i), v) for i, v in top])
-                )
-            self._check_stop(smp, tok)
-            changed[g.request_id] = g
-            if smp.finish_reason is not None:
-                status = RequestStatus.FINISHED_LENGTH if smp.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
-                self.scheduler.finish_request(rid, status)
-                self.runner.release(rid)
-                self._by_req.pop(rid, None)
+            entry = self._by_req.get(rid)
+            if entry is None:  # failed with an earlier sample of its group
+                continue
+            try:
+                self._take_token(rid, tok, result.logprobs.get(rid), now, changed)
+            except Exception as exc:  # noqa: BLE001 - this request ends; the batch goes on
+                self._fail(rid, RequestFailed(f"processing its output failed: {type(exc).__name__}: {exc}"),
+                           changed)
         return self._emit(changed, now)
+
+    def _take_token(self, rid: str, tok: int, logprobs: tuple[float, list[tuple[int, float]]] | None, now: float,
+                    changed: dict[str, _Group]) -> None:
+        """A sampled token → logprobs, stop checks, text; finishes the sample when it stops."""
+        g, smp = self._by_req[rid]
+        self.num_generation_tokens += 1
+        if g.metrics.first_token_time is None:
+            g.metrics.first_token_time = now
+        g.metrics.last_token_time = now
+        if logprobs is not None and smp.logprobs is not None:
+            lp, top = logprobs
+            smp.cumulative_logprob += lp
+            smp.logprobs.append(
+                TokenLogprob(tok, self._tok_text(tok), lp, [(i, self._tok_text(i), v) for i, v in top])
+            )
+        self._check_stop(smp, tok)
+        changed[g.request_id] = g
+        if smp.finish_reason is not None:
+            status = RequestStatus.FINISHED_LENGTH if smp.finish_reason == "length" else RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish_request(rid, status)
+            self.runner.release(rid)
+            self._by_req.pop(rid, None)
 
     def _emit(self, changed: dict[str, _Group], now: float) -> list[RequestOutput]:
         outputs = []
@@ -300,7 +334,7 @@ class LLMEngine:
             )
             for s in g.samples
         ]
-        return RequestOutput(g.request_id, g.prompt, g.prompt_ids, outs, g.finished or g.aborted, g.metrics)
+        return RequestOutput(g.request_id, g.prompt, g.prompt_ids, outs, g.finished or g.aborted, g.metrics, g.error)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float]:
@@ -320,8 +354,21 @@ class LLMEngine:
         }
 
 
+def _check_kv_capacity(runner: ModelRunner, max_model_len: int) -> None:
+    """A cache that cannot hold one full-length sequence would end replies early, silently."""
+    capacity = runner.num_blocks * runner.block_size
+    if capacity >= max_model_len:
+        return
+    need = math.ceil(max_model_len / runner.block_size) * runner.kv_bytes_per_block
+    raise ConfigError(
+        f"the KV cache holds {capacity} tokens ({runner.num_blocks} blocks of {runner.block_size}, "
+        f"{runner.num_blocks * runner.kv_bytes_per_block / 2**20:.1f} MiB), fewer than one sequence of "
+        f"--max-model-len {max_model_len} tokens: give it at least {need / 2**20:.1f} MiB (--kv-cache-memory) "
+        f"or lower --max-model-len to {capacity}")
+
+
 def _child_params(p: SamplingParams, i: int) -> SamplingParams:
-    return dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + i)
+    return dataclasses.replace(p, n=1, seed=p.child_seed(i))
 
 
 def _with_max_tokens(p: SamplingParams, max_tokens: int) -> SamplingParams:

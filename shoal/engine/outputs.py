@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class RequestFailed(RuntimeError):
+    """One request could not go on (its sampling or detokenizing failed); the others in its batch
+    did. `client_error`: the request's own parameters caused it (the server answers 400)."""
+
+    def __init__(self, message: str, client_error: bool = False, param: str | None = None) -> None:
+        super().__init__(message)
+        self.client_error = client_error
+        self.param = param
+
+
 @dataclass(slots=True)
 class TokenLogprob:
     token_id: int
@@ -19,7 +29,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float | None = None
@@ -47,3 +57,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: RequestFailed | None = None  # set when the request ended because it failed

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 
 from shoal.backends.base import Platform
 from shoal.config import EngineConfig, ModelConfig
+from shoal.engine.outputs import RequestFailed
 from shoal.engine.scheduler import SchedulerOutput
 from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
 from shoal.layers.sampler import SamplerOutput, SamplingRow, sample
@@ -62,6 +63,7 @@ def _own_code(method: Any) -> Any:
 class StepResult:
     sampled: dict[str, int]  # request id → new token
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]  # request id → (chosen logprob, top)
+    errors: dict[str, RequestFailed] = field(default_factory=dict)  # request id → why it cannot go on
 
 
 class ModelRunner:
@@ -408,11 +410,31 @@ class ModelRunner:
             )
             for r in sampling
         ]
-        res: SamplerOutput = sample(logits, rows)
-        sampled = {r.request_id: t for r, t in zip(sampling, res.token_ids)}
-        lps: dict[str, tuple[float, list[tuple[int, float]]]] = {}
-        if res.logprobs is not None:
-            for i, r in enumerate(sampling):
-                if r.sampling_params.logprobs is not None:
-                    lps[r.request_id] = (res.logprobs[i], res.top_logprobs[i] if res.top_logprobs else [])
-        return StepResult(sampled, lps)
+        step = StepResult({}, {})
+        states = [(g, g.get_state()) for g in (row.generator for row in rows) if g is not None]
+        try:
+            _collect(step, sampling, range(len(rows)), sample(logits, rows))
+        except Exception:  # noqa: BLE001 - find the rows that fail; the others must still get their tokens
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(rows))
+            for g, st in states:  # the failed pass may have drawn from seeded rows' generators
+                g.set_state(st)
+            step = StepResult({}, {})
+            for i, row in enumerate(rows):
+                try:
+                    _collect(step, sampling, [i], sample(logits[i:i + 1], [row]))
+                except Exception as exc:  # noqa: BLE001 - this request ends, the others go on
+                    step.errors[sampling[i].request_id] = RequestFailed(
+                        f"sampling failed: {type(exc).__name__}: {exc}")
+        return step
+
+
+def _collect(step: StepResult, sampling: list, index: Any, res: SamplerOutput) -> None:
+    """Sampler output for rows `index` of the batch (res row k is batch row index[k]) → step."""
+    for k, i in enumerate(index):
+        r = sampling[i]
+        if k in res.failed:
+            step.errors[r.request_id] = RequestFailed(res.failed[k], client_error=True)
+            continue
+        step.sampled[r.request_id] = res.token_ids[k]
+        if res.logprobs is not None and r.sampling_params.logprobs is not None:
+            step.logprobs[r.request_id] = (res.logprobs[k], res.top_logprobs[k] if res.top_logprobs else [])

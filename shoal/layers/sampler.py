@@ -8,7 +8,7 @@ Per-request torch.Generators make a seeded request's tokens independent of the b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,11 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # logprob of each chosen token (when any row asked)
     top_logprobs: list[list[tuple[int, float]]] | None  # per row, best first (rows that asked)
+    failed: dict[int, str] = field(default_factory=dict)  # row → why it has no token (its values are junk)
+
+
+NON_FINITE = ("sampling produced non-finite logits (NaN or infinity) for this request; its penalties "
+              "are out of a usable range")
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -79,11 +84,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # greedy with nothing to adjust: the argmax of the logits as they come (bf16 → fp32 is exact,
         # so the same token, first on ties), without an fp32 copy of [S, V] (0.3 ms at [32, 49152])
         return SamplerOutput(ops.argmax(logits).tolist(), None, None)
-    logits = logits.float()
+    masked = [i for i, r in enumerate(rows) if r.blocked_ids and len(r.output_ids) < r.params.min_tokens]
+    # the caller's logits stay as they were (a batch that fails is sampled again row by row)
+    logits = logits.to(torch.float32, copy=bool(masked) or any(r.params.needs_penalties for r in rows))
     _apply_penalties(logits, rows)
-    for i, r in enumerate(rows):
-        if r.blocked_ids and len(r.output_ids) < r.params.min_tokens:
-            logits[i, r.blocked_ids] = float("-inf")
+    for i in masked:
+        logits[i, rows[i].blocked_ids] = float("-inf")
+    failed = _non_finite_rows(logits)
     params = [r.params for r in rows]
     want_lp = [r.params.logprobs is not None for r in rows]
     greedy = [p.greedy for p in params]
@@ -96,7 +103,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         chosen = chosen.index_copy(0, sel, drawn)
     token_ids = chosen.tolist()
     if not any(want_lp):
-        return SamplerOutput(token_ids, None, None)
+        return SamplerOutput(token_ids, None, None, failed)
     logp = logits.log_softmax(dim=-1)
     chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     k = max((r.params.logprobs or 0) for r in rows)
@@ -106,4 +113,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         for i, r in enumerate(rows):
             n = r.params.logprobs or 0
             top[i] = list(zip(ids[i, :n].tolist(), vals[i, :n].tolist()))
-    return SamplerOutput(token_ids, chosen_lp, top)
+    return SamplerOutput(token_ids, chosen_lp, top, failed)
+
+
+def _non_finite_rows(logits: torch.Tensor) -> dict[int, str]:
+    """Rows with a NaN or +inf, or with no finite value left (-inf marks only masked tokens): no
+    distribution to sample from. They are zeroed so the batch's other rows sample as usual."""
+    if bool(torch.isfinite(logits).all()):  # the usual case: one pass
+        return {}
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1) | ~torch.isfinite(logits).any(dim=1)
+    if not bool(bad.any()):
+        return {}
+    rows = bad.nonzero().flatten().tolist()
+    logits[rows] = 0.0
+    return {i: NON_FINITE for i in rows}

@@ -4,6 +4,11 @@ Templates come from checkpoints, so they are untrusted code: they render in jinj
 `ImmutableSandboxedEnvironment` with the same options and helpers as transformers
 (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_now`, a non-escaping `tojson`),
 so prompts match `tokenizer.apply_chat_template` byte for byte.
+
+The sandbox stops a template reaching Python internals, not a template that divides by zero,
+recurses without end or builds a gigabyte string: every failure, whatever its type, leaves here as
+`ChatTemplateError` with a one-line message (the server answers it with a 400). Bounding the time and
+memory a template may use needs a separate process: `shoal.server.template_sandbox`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -29,8 +35,27 @@ CHATML_TEMPLATE = (
 )
 
 
+# an error message a client sees is one line of at most this many characters: a template can raise
+# (or provoke) an exception whose text is megabytes long
+MAX_ERROR_CHARS = 500
+
+
 class ChatTemplateError(ValueError):
-    """The template failed to render (syntax, sandbox violation, or its own raise_exception)."""
+    """The template failed to compile or render: syntax, sandbox violation, its own raise_exception,
+    or any Python error it provoked (ZeroDivisionError, RecursionError, MemoryError, ...).
+
+    The original exception is kept as `__cause__` for server logs; `str()` is the short message
+    meant for the client.
+    """
+
+
+def template_error(e: Exception) -> ChatTemplateError:
+    """One short line naming the exception type: a client learns what went wrong, never a traceback."""
+    detail = " ".join(str(e).split())
+    text = f"chat template failed: {type(e).__name__}" + (f": {detail}" if detail else "")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return ChatTemplateError(text)
 
 
 def _raise_exception(message: str) -> None:
@@ -63,17 +88,38 @@ def render_chat_template(
     eos_token: str | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render `messages` with the checkpoint's template (ChatML when it has none)."""
+    """Render `messages` with the checkpoint's template (ChatML when it has none).
+
+    Raises ChatTemplateError for every failure (see `template_error`).
+    """
+    # "".join of the pieces is exactly what jinja2's Template.render does (Environment.concat)
+    return "".join(iter_chat_template(template, messages, add_generation_prompt, bos_token, eos_token, **kwargs))
+
+
+def iter_chat_template(
+    template: str | None,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """`render_chat_template` as the pieces jinja2 yields, so a caller that caps the prompt's size can
+    stop a template whose output grows without bound before it is all in memory.
+
+    Raises ChatTemplateError (from the original exception) for every failure, while compiling or
+    while rendering.
+    """
     if not template:
         log.warning("model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)")
         template = CHATML_TEMPLATE
     try:
-        return _compile(template).render(
+        yield from _compile(template).generate(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
             **kwargs,
         )
-    except jinja2.exceptions.TemplateError as e:  # includes SecurityError, UndefinedError, syntax errors
-        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # TemplateError, SecurityError, and whatever Python raised inside the template
+        raise template_error(e) from e

@@ -8,9 +8,11 @@ tokenizer llama.cpp uses, with the pre-tokenizer named by `tokenizer.ggml.pre`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -219,6 +221,32 @@ class Tokenizer:
             self.chat_template, messages, add_generation_prompt,
             bos_token=self.bos_token, eos_token=self.eos_token, **kwargs,
         )
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on the characters of text one token can stand for, or None where there is
+        none. It lets the server refuse a prompt that cannot fit the context without tokenizing it
+        (seconds for megabytes of text). Only byte-level BPE has a bound: every character becomes at
+        least one byte and every byte is kept, so a token covers at most its own length in
+        characters; an unknown-token model maps any unseen word to one token, and a pre-tokenizer
+        that removes text (whitespace splitting) or a normalizer that deletes it has none. NFC/NFKC
+        compose a few code points into one, hence the margin."""
+        model = self._tk.model
+        if type(model).__name__ != "BPE" or (model.unk_token is not None and model.fuse_unk):
+            return None
+        pre = self._tk.pre_tokenizer
+        pre_state = pre.__getstate__() if pre is not None else b""
+        if b'"ByteLevel"' not in pre_state or b'"Removed"' in pre_state:
+            return None
+        factor = 1
+        norm = self._tk.normalizer
+        if norm is not None:
+            kinds = set(re.findall(rb'"type":\s*"(\w+)"', norm.__getstate__())) - {b"Sequence"}
+            if not kinds <= {b"NFC", b"NFKC"}:
+                return None
+            factor = 4 if kinds else 1
+        longest = max(len(t) for t in self._tk.get_vocab(with_added_tokens=True))
+        return longest * factor
 
     @property
     def backend(self) -> HFTokenizer:

@@ -28,6 +28,7 @@ from shoal.server.completions import (
     sse,
 )
 from shoal.server.errors import bad_request
+from shoal.server.limits import check_logprobs, check_shape, tokenize
 from shoal.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,8 +49,9 @@ from shoal.server.reasoning import ReasoningParser, prompt_opens_thinking
 log = logging.getLogger("shoal.server")
 
 
-def render_prompt(state: Any, req: ChatCompletionRequest) -> str:
-    """Messages → prompt text with the model's template (or the request's, when the server allows it)."""
+async def render_prompt(state: Any, req: ChatCompletionRequest) -> str:
+    """Messages → prompt text with the model's template (in a worker thread), or with the request's
+    own when the server allows it (in the template sandbox's worker process, within its limits)."""
     try:
         messages: list[dict[str, Any]] = []
         for m in req.messages:
@@ -63,20 +65,23 @@ def render_prompt(state: Any, req: ChatCompletionRequest) -> str:
     for reserved in ("messages", "add_generation_prompt", "bos_token", "eos_token"):
         kwargs.pop(reserved, None)
     tok = state.engine.tokenizer
-    from shoal.loader.chat_template import ChatTemplateError, render_chat_template
+    from shoal.loader.chat_template import ChatTemplateError
 
     try:
-        if req.chat_template is not None:
-            if not state.allow_request_chat_template:
-                raise bad_request(
-                    "chat_template in the request is disabled on this server (start it with "
-                    "--allow-request-chat-template)", param="chat_template",
-                )
-            return render_chat_template(
-                req.chat_template, messages, req.add_generation_prompt,
-                bos_token=getattr(tok, "bos_token", None), eos_token=getattr(tok, "eos_token", None), **kwargs,
+        if req.chat_template is None:
+            return await asyncio.to_thread(tok.apply_chat_template, messages,
+                                           add_generation_prompt=req.add_generation_prompt, **kwargs)
+        if not state.allow_request_chat_template:
+            raise bad_request(
+                "chat_template in the request is disabled on this server (start it with "
+                "--allow-request-chat-template)", param="chat_template",
             )
-        return tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, **kwargs)
+        from shoal.server.template_sandbox import render_untrusted
+
+        return await render_untrusted(
+            req.chat_template, messages, req.add_generation_prompt, bos_token=getattr(tok, "bos_token", None),
+            eos_token=getattr(tok, "eos_token", None), kwargs=kwargs, limits=state.limits.template,
+        )
     except ChatTemplateError as e:
         raise bad_request(str(e), param="chat_template" if req.chat_template is not None else "messages",
                           code="chat_template_error") from None
@@ -95,8 +100,10 @@ def _token_logprobs(lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
 async def create_chat_completion(state: Any, req: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(req.model)
     params = sampling_params(req, req.max_new_tokens, req.num_logprobs)
-    prompt = await asyncio.to_thread(render_prompt, state, req)
-    ids = await asyncio.to_thread(state.engine.tokenizer.encode, prompt, add_special_tokens=False)
+    check_shape(state, req.n, 1)
+    prompt = await render_prompt(state, req)
+    (ids,) = await tokenize(state, [prompt], "messages", add_special_tokens=False)
+    check_logprobs(state, req.num_logprobs, req.n, [len(ids)], req.max_new_tokens)
     thinking = state.reasoning and prompt_opens_thinking(prompt)
     rid = random_id("chatcmpl")
     model = state.model_name

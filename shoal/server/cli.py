@@ -23,7 +23,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=None,
                    help="requests allowed to wait for a slot before the server answers 503 (default: engine's)")
     p.add_argument("--shutdown-timeout", type=int, default=30,
-                   help="seconds SIGTERM waits for in-flight requests before aborting them")
+                   help="seconds SIGTERM waits for in-flight requests; then each gets an error (streams: an "
+                        "error event and [DONE])")
+    limits = p.add_argument_group("limits per request (each refusal is a 400 naming the flag)")
+    limits.add_argument("--max-n", type=int, default=128, help="most samples (n) per request")
+    limits.add_argument("--max-logprob-entries", type=int, default=2**18,
+                        help="most logprob entries one request may return: prompts x n x tokens x (1 + top_logprobs)")
+    limits.add_argument("--request-header-timeout", type=float, default=10.0,
+                        help="seconds a connection has to send a complete request head (slow clients are dropped)")
+    limits.add_argument("--request-body-timeout", type=float, default=30.0,
+                        help="seconds each part of a request body may take to arrive (else 408)")
+    limits.add_argument("--max-header-bytes", type=parse_size, default=16 * 2**10,
+                        help="largest request head (request line and headers), e.g. 16KiB")
+    limits.add_argument("--chat-template-timeout", type=float, default=2.0,
+                        help="seconds a request's own chat_template may render (--allow-request-chat-template)")
+    limits.add_argument("--chat-template-memory", type=parse_size, default=256 * 2**20,
+                        help="memory a request's own chat_template may use while rendering, e.g. 256MiB")
+    limits.add_argument("--chat-template-max-chars", type=int, default=4 * 2**20,
+                        help="longest prompt a request's own chat_template may render")
     p.add_argument("--reasoning-parser", choices=["auto", "deepseek_r1", "none"], default="auto",
                    help="split <think>...</think> into reasoning_content (auto: when the model knows <think>)")
     p.add_argument("--allow-request-chat-template", action="store_true",

@@ -23,9 +23,10 @@ from starlette.types import Receive, Scope, Send
 
 from shoal.engine.async_engine import EngineDeadError
 from shoal.engine.llm_engine import EngineOverloaded, PromptTooLong
-from shoal.engine.outputs import RequestOutput, TokenLogprob
+from shoal.engine.outputs import RequestFailed, RequestOutput, TokenLogprob
 from shoal.sampling_params import SamplingParams
-from shoal.server.errors import APIError, bad_request, error_body
+from shoal.server.errors import APIError, bad_request
+from shoal.server.limits import check_logprobs, check_shape, tokenize
 from shoal.server.metrics import RequestTimer
 from shoal.server.protocol import (
     LOGPROB_FLOOR,
@@ -75,14 +76,21 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         raise bad_request(str(e), param=getattr(e, "param", None)) from None
 
 
-def engine_error(exc: BaseException, prompt_param: str) -> APIError:
+def engine_error(exc: BaseException, prompt_param: str | None) -> APIError:
     """What the engine raised → the OpenAI error the client gets."""
     if isinstance(exc, EngineOverloaded):
-        return APIError(503, f"the server is overloaded ({exc}); retry later", code="overloaded")
+        return APIError(503, f"the server is overloaded ({exc}); retry later", code="overloaded", retry_after=1)
     if isinstance(exc, EngineDeadError):
-        return APIError(503, "the server is shutting down", code="shutting_down")
+        return APIError(503, f"the server is shutting down ({exc})", code="shutting_down", retry_after=5)
+    if isinstance(exc, APIError):
+        return exc
     if isinstance(exc, PromptTooLong):
         return bad_request(str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, RequestFailed):
+        if exc.client_error:
+            return bad_request(str(exc), param=exc.param, code="invalid_sampling")
+        log.error("request failed: %s", exc)
+        return APIError(500, "generation failed for this request; see the server log", code="internal_error")
     if isinstance(exc, ValueError):
         return bad_request(str(exc), param=getattr(exc, "param", None) or prompt_param)
     log.error("generation failed: %s: %s", type(exc).__name__, exc)
@@ -228,6 +236,9 @@ async def respond(request: Request, job: Job, endpoint: str, produce: Awaitable[
         log.info("%s: client disconnected; aborted %s", endpoint, ", ".join(r.request_id for r in job.runs))
         await job.close()
         return Response(status_code=499)
+    except Exception as exc:  # noqa: BLE001 - what the engine raised becomes the client's error
+        await job.close()
+        raise engine_error(exc, "messages" if endpoint == "chat" else "prompt") from None
     except BaseException:
         await job.close()
         raise
@@ -279,12 +290,10 @@ async def guarded_stream(job: Job, events: AsyncIterator[str]) -> AsyncIterator[
     try:
         async for e in events:
             yield e
-    except APIError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
-        yield SSE_DONE
-    except Exception:  # noqa: BLE001
-        log.exception("stream failed")
-        yield f"data: {json.dumps(error_body('generation failed; see the server log', 'server_error', None, 'internal_error'))}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the client gets an error event, the log the traceback
+        if not isinstance(exc, (APIError, RequestFailed, EngineDeadError)):
+            log.exception("stream failed")
+        yield f"data: {json.dumps(engine_error(exc, None).body())}\n\n"
         yield SSE_DONE
     finally:
         await job.close()
@@ -310,9 +319,14 @@ def completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogpr
 async def create_completion(state: Any, req: CompletionRequest, request: Request) -> Response:
     state.check_model(req.model)
     params = sampling_params(req, req.max_tokens, req.logprobs)
-    prompts: list[Any] = []
-    for p in req.prompts():
-        prompts.append({"prompt_token_ids": p} if isinstance(p, list) else p)
+    raw = req.prompts()
+    check_shape(state, req.n, len(raw))
+    texts = [p for p in raw if isinstance(p, str)]
+    encoded = iter(await tokenize(state, texts, "prompt")) if texts else iter(())
+    prompts: list[dict[str, Any]] = [
+        {"prompt_token_ids": next(encoded), "prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in raw
+    ]
+    check_logprobs(state, req.logprobs, req.n, [len(p["prompt_token_ids"]) for p in prompts], req.max_tokens)
     rid = random_id("cmpl")
     model = state.model_name
     job = Job(state)
@@ -321,7 +335,7 @@ async def create_completion(state: Any, req: CompletionRequest, request: Request
     def echo_text(i: int) -> str:
         if not req.echo:
             return ""
-        p = req.prompts()[i]
+        p = raw[i]
         return p if isinstance(p, str) else state.engine.tokenizer.decode(p)
 
     if not req.stream:

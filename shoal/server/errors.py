@@ -25,7 +25,9 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -34,7 +36,8 @@ _TYPES = {
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,11 +45,14 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (503s: when to try again)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        if self.retry_after is not None:
+            headers = {**(headers or {}), "Retry-After": str(self.retry_after)}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

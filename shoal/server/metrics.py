@@ -59,6 +59,8 @@ class _EngineCollector:
         yield counter("shoal_prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield counter("shoal_prompt_tokens", "Prompt tokens of admitted requests.", s.get("prompt_tokens", 0))
         yield counter("shoal_generation_tokens", "Tokens generated.", s.get("generation_tokens", 0))
+        yield counter("shoal_num_preemptions", "Requests preempted (KV blocks taken back; recomputed later).",
+                      s.get("num_preemptions", 0))
 
 
 class ServerMetrics:
@@ -70,7 +72,7 @@ class ServerMetrics:
             "shoal_http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
         )
         self.finished = Counter(
-            "shoal_request_finished", "Generation requests by finish reason (stop, length, abort).",
+            "shoal_request_finished", "Generation requests by finish reason (stop, length, abort, error).",
             ["model_name", "finish_reason"], registry=r,
         )
         self.ttft = Histogram(

@@ -13,7 +13,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_serializer, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 # -log(0) is not JSON; OpenAI and vLLM send this floor instead
 LOGPROB_FLOOR = -9999.0
@@ -27,8 +29,16 @@ def now() -> int:
     return int(time.time())
 
 
+# the engine keeps seeds and token ids in 64-bit integers
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields are ignored; known ones are strict: no string-to-number or string-to-bool
+    coercion ("10", "yes"), and no NaN or infinity in floats."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class _Response(BaseModel):
@@ -52,31 +62,71 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-NonNegInt = Annotated[int, Field(ge=0)]
+NonNegInt = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+JsonSchema = dict[str, Any]
+_NULL: JsonSchema = {"type": "null"}
+_TOKEN_ID: JsonSchema = {"type": "integer", "minimum": 0, "maximum": INT32_MAX}
 
 
-class SamplingFields(_Request):
+def _when(field: str, schema: JsonSchema) -> JsonSchema:
+    """Object schema: `field`, if present, matches `schema`."""
+    return {"properties": {field: schema}}
+
+
+def _sent(field: str, schema: JsonSchema) -> JsonSchema:
+    """Object schema: `field` is present and matches `schema`."""
+    return {"properties": {field: schema}, "required": [field]}
+
+
+class _CrossFieldSchema:
+    """Pydantic's JSON schema plus `_schema_rules()` under `allOf`: what the model validators check
+    across fields, stated so OpenAPI clients and fuzzers see it. Validation is unchanged."""
+
+    @classmethod
+    def _schema_rules(cls) -> list[JsonSchema]:
+        return []
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        schema["allOf"] = [*schema.get("allOf", []), *cls._schema_rules()]
+        return schema
+
+
+class SamplingFields(_CrossFieldSchema, _Request):
     """Fields both endpoints share. Defaults are OpenAI's."""
 
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        default=None, description="Up to 16 non-empty stop strings.",
+        json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+            _NULL,
+        ]},
+    )
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Not supported: only null or {}.",
+        json_schema_extra={"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]},
+    )
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)  # ≤ vocabulary: checked by the engine
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: NonNegInt = 0
     ignore_eos: bool = False
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=256)  # < vocabulary: engine
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -91,6 +141,10 @@ class SamplingFields(_Request):
         if self.logit_bias:
             raise _field_error("logit_bias", "is not supported by shoal")
         return self
+
+    @classmethod
+    def _schema_rules(cls) -> list[JsonSchema]:
+        return [{"anyOf": [_when("stream_options", _NULL), _sent("stream", {"const": True})]}]
 
     @property
     def include_usage(self) -> bool:
@@ -111,6 +165,12 @@ def _field_error(param: str, message: str) -> FieldError:
 
 # ---------------------------------------------------------------------------- chat requests
 class ContentPart(_Request):
+    # only text parts are supported (ChatMessage.text refuses the others): the schema says so
+    model_config = ConfigDict(json_schema_extra={
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+        "required": ["type", "text"],
+    })
+
     type: str
     text: str | None = None
 
@@ -136,14 +196,19 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # extensions
     add_generation_prompt: bool = True
     chat_template: str | None = None  # only when the server allows request templates
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @classmethod
+    def _schema_rules(cls) -> list[JsonSchema]:
+        return [*super()._schema_rules(),
+                {"anyOf": [_when("top_logprobs", _NULL), _sent("logprobs", {"const": True})]}]
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
@@ -163,12 +228,27 @@ class ChatCompletionRequest(SamplingFields):
 
 # ---------------------------------------------------------------------------- completion requests
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="One prompt (text or token ids) or a list of them; none may be empty.",
+        json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            {"type": "array", "items": _TOKEN_ID, "minItems": 1},
+            {"type": "array", "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1}, "minItems": 1},
+        ]},
+    )
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = Field(default=None, description="Not supported: only null or empty.",
+                               json_schema_extra={"anyOf": [{"type": "string", "maxLength": 0}, _NULL]})
+    best_of: int | None = Field(default=None, ge=1, le=128, description="Accepted only equal to n.")
+
+    @classmethod
+    def _schema_rules(cls) -> list[JsonSchema]:
+        # best_of == n is not here: JSON Schema can only enumerate the 128 pairs, more than generators
+        # (schemathesis's canonicaliser) handle; the field's description says it
+        return [*super()._schema_rules(), {"anyOf": [_when("echo", {"const": False}), _when("logprobs", _NULL)]}]
 
     @model_validator(mode="after")
     def _check_completion(self) -> "CompletionRequest":
@@ -253,6 +333,9 @@ class ChatCompletionResponse(_Response):
 
 class DeltaMessage(_Response):
     """A stream delta: only the fields that are set go on the wire (`{}` in the last chunk)."""
+
+    # the serializer below only drops unset fields, so the validation schema describes the wire
+    model_config = ConfigDict(json_schema_mode_override="validation")
 
     role: Literal["assistant"] | None = None
     content: str | None = None

@@ -53,7 +53,7 @@ def test_prefix_cache_and_preemption_keep_tokens(model_dir):
     rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]], params)
     assert [o.outputs[0].token_ids for o in first + rest] == want
     assert all(o.metrics.num_cached_tokens == 64 for o in rest)
-    tiny = LLM(model_dir, dtype="float32", progress=False, num_blocks_override=10)
+    tiny = LLM(model_dir, dtype="float32", progress=False, num_blocks_override=10, max_model_len=160)
     outs = tiny.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert tiny.engine.stats()["num_preemptions"] > 0

@@ -44,7 +44,7 @@ def test_prefix_cache_hits_and_same_tokens():
     total = sum(len(p) for p in prompts)
     runs = {}
     for caching in (True, False):
-        llm = LLM(None, dtype="float32", progress=False, kv_cache_memory=64 * 2**20,
+        llm = LLM(None, dtype="float32", progress=False, kv_cache_memory=64 * 2**20, max_model_len=1024,
                   enable_prefix_caching=caching)
         # the first request fills the cache; the rest arrive after it
         first = llm.generate({"prompt_token_ids": prompts[0]}, GREEDY)
@@ -64,10 +64,11 @@ def test_prefix_cache_hits_and_same_tokens():
 def test_preemption_with_tiny_cache_gives_same_output():
     prompts = _random_prompts(8, 20, 90, seed=2)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    ample = LLM(None, dtype="float32", progress=False, kv_cache_memory=64 * 2**20)
+    ample = LLM(None, dtype="float32", progress=False, kv_cache_memory=64 * 2**20, max_model_len=1024)
     want = [o.outputs[0].token_ids for o in ample.generate([{"prompt_token_ids": p} for p in prompts], params)]
     # 16 blocks of 16 tokens: the longest request alone needs 8; eight together need ~50
-    tiny = LLM(None, dtype="float32", progress=False, num_blocks_override=16, enable_prefix_caching=False)
+    tiny = LLM(None, dtype="float32", progress=False, num_blocks_override=16, enable_prefix_caching=False,
+               max_model_len=256)
     eng = tiny.engine
     ids = [eng.add_request(None, {"prompt_token_ids": p}, params) for p in prompts]
     reqs = [eng.groups[i].samples[0].req for i in ids]

@@ -120,7 +120,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def test_int8_matches_bf16(bf16_dir):
     text = TEXT.read_text()
-    opts = dict(dtype="bfloat16", progress=False, kv_cache_memory=64 * 2**20)
+    opts = dict(dtype="bfloat16", progress=False, kv_cache_memory=64 * 2**20, max_model_len=1024)
     ref = LLM(bf16_dir, **opts)
     ref_tokens, ref_ppl = greedy(ref), perplexity(ref, text)
     del ref

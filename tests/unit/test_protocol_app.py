@@ -56,7 +56,7 @@ class FakeEngine:
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.0, "kv_blocks_total": 8,
                 "kv_blocks_used": len(self.running), "prefix_cache_queries": 10, "prefix_cache_hits": 5,
-                "prompt_tokens": 0, "generation_tokens": 0}
+                "prompt_tokens": 0, "generation_tokens": 0, "num_preemptions": 3}
 
     def abort(self, rid: str) -> None:
         if rid in self.running:
@@ -462,6 +462,7 @@ def test_metrics_exposition():
                 "shoal_time_to_first_token_seconds_bucket", "shoal_inter_token_latency_seconds_count",
                 "shoal_e2e_request_latency_seconds_sum", "shoal_prompt_tokens_total", "shoal_generation_tokens_total",
                 'shoal_request_finished_total{finish_reason="stop",model_name="fake-model"} 1.0',
+                'shoal_num_preemptions_total{model_name="fake-model"} 3.0',
             ]:
                 assert name in text, name
             assert 'shoal_inter_token_latency_seconds_count{model_name="fake-model"} 3.0' in text

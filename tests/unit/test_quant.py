@@ -99,8 +99,8 @@ def test_quantize_model_tiny_llama(tmp_path):
 
     path = make_llama(tmp_path / "m", tie_word_embeddings=True)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    ref = LLM(str(path), dtype="float32", progress=False, num_blocks_override=32)
-    q = LLM(str(path), dtype="float32", quantization="int8", progress=False, num_blocks_override=32)
+    ref = LLM(str(path), dtype="float32", progress=False, num_blocks_override=32, max_model_len=512)
+    q = LLM(str(path), dtype="float32", quantization="int8", progress=False, num_blocks_override=32, max_model_len=512)
     model = q.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     assert linears and all(m.quant is not None and m.weight is None for m in linears)
