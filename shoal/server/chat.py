@@ -47,6 +47,7 @@ from shoal.server.protocol import (
 from shoal.server.reasoning import ReasoningParser, prompt_opens_thinking
 
 log = logging.getLogger("shoal.server")
+RESERVED_TEMPLATE_ARGS = ("messages", "add_generation_prompt", "bos_token", "eos_token", "template", "self")
 
 
 async def render_prompt(state: Any, req: ChatCompletionRequest) -> str:
@@ -62,7 +63,7 @@ async def render_prompt(state: Any, req: ChatCompletionRequest) -> str:
     except FieldError as e:
         raise bad_request(str(e), param=e.param) from None
     kwargs = dict(req.chat_template_kwargs or {})
-    for reserved in ("messages", "add_generation_prompt", "bos_token", "eos_token"):
+    for reserved in RESERVED_TEMPLATE_ARGS:  # set by the server, or the render functions' own names
         kwargs.pop(reserved, None)
     tok = state.engine.tokenizer
     from shoal.loader.chat_template import ChatTemplateError

@@ -123,7 +123,8 @@ class SamplingFields(_CrossFieldSchema, _Request):
     # extensions (vLLM's names)
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)  # ≤ vocabulary: checked by the engine
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    # beyond this range float32 logits divided or multiplied by it overflow or vanish
+    repetition_penalty: float | None = Field(default=None, ge=1e-6, le=1e6)
     min_tokens: NonNegInt = 0
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=256)  # < vocabulary: engine

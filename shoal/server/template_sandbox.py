@@ -189,6 +189,8 @@ def _worker_main(sock: socket.socket) -> None:
     """A worker's life: answer renders one at a time until the server closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server; it stops us
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a worker killed by SIGXCPU leaves no core file
+    with contextlib.suppress(OSError):
+        os.nice(10)  # a template that spins until its deadline yields the CPU to the engine's decode steps
     sock.setblocking(True)
     while True:
         header = _recv_exact(sock, _HEADER.size)
