@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -48,8 +49,11 @@ def heavy_requests() -> list[tuple[str, str, dict]]:
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):  # the server is gone
+        return float("nan")
 
 
 def free_port() -> int:
@@ -107,7 +111,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": args.repo, "TOKENIZERS_PARALLELISM": "false"}
-    log_path = ROOT / "benchmarks" / "results" / f".server_stall_{label}.log"
+    log_path = Path(tempfile.gettempdir()) / f"shoal_server_stall_{label}.log"
+    print(f"server log: {log_path}", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([args.python, "-m", "shoal.server", "--port", str(port), "--allow-request-chat-template",
                                  "--max-model-len", "2048"], cwd=args.repo, env=env, stdout=log,
@@ -137,8 +142,12 @@ def main() -> int:
                 status = type(e).__name__
             t1 = time.monotonic()
             time.sleep(0.2)
+            if proc.poll() is not None:
+                status += f"; the server died (exit {proc.returncode}: {'killed' if proc.returncode < 0 else 'error'})"
             rows.append((name, status, t1 - t0, *probe.window(t0, t1 + 0.2), rss_mib(proc.pid)))
             print(rows[-1], flush=True)
+            if proc.poll() is not None:
+                break
         probe.stop.set()
     finally:
         proc.send_signal(signal.SIGTERM)
