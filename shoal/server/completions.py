@@ -301,7 +301,9 @@ async def guarded_stream(job: Job, events: AsyncIterator[str]) -> AsyncIterator[
 
 # ---------------------------------------------------------------------------- logprobs
 def _lp(v: float) -> float:
-    return max(float(v), LOGPROB_FLOOR)
+    """A logprob JSON can carry: -inf (a masked token) and NaN become the floor, +inf cannot occur."""
+    v = float(v)
+    return v if v > LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN compares false: the floor
 
 
 def completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:

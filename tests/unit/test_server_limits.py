@@ -222,3 +222,9 @@ def test_control_characters_in_a_path_cannot_forge_log_lines(caplog):
     lines = [r.getMessage() for r in caplog.records if "/v1/x" in r.getMessage()]
     assert lines and all("\n" not in m for m in lines)
     assert printable("a\nb\x1b[31m") == "a\\nb\\x1b[31m" and printable("x" * 5, limit=3) == "xxx..."
+
+
+def test_logprobs_on_the_wire_are_always_finite():
+    from shoal.server.completions import _lp
+
+    assert _lp(float("nan")) == _lp(float("-inf")) == -9999.0 and _lp(-1.5) == -1.5
