@@ -227,7 +227,7 @@ class LLMEngine:
         )
         result = self.runner.execute(out, blocked)
         for rid, err in result.errors.items():
-            self._fail(rid, err, changed)
+            self._fail(rid, RequestFailed(err.message, client_error=err.client_error), changed)
         self.scheduler.update_after_step(out, result.sampled)
         now = time.monotonic()
         for rid, tok in result.sampled.items():

@@ -22,7 +22,6 @@ from torch._dynamo.utils import counters
 
 from shoal.backends.base import Platform
 from shoal.config import EngineConfig, ModelConfig
-from shoal.engine.outputs import RequestFailed
 from shoal.engine.scheduler import SchedulerOutput
 from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
 from shoal.layers.sampler import SamplerOutput, SamplingRow, sample
@@ -63,7 +62,15 @@ def _own_code(method: Any) -> Any:
 class StepResult:
     sampled: dict[str, int]  # request id → new token
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]  # request id → (chosen logprob, top)
-    errors: dict[str, RequestFailed] = field(default_factory=dict)  # request id → why it cannot go on
+    errors: dict[str, RowError] = field(default_factory=dict)  # request id → why it cannot go on
+
+
+@dataclass(slots=True, frozen=True)
+class RowError:
+    """Why one request's row produced no token; `client_error`: its own parameters caused it."""
+
+    message: str
+    client_error: bool = False
 
 
 class ModelRunner:
@@ -423,8 +430,7 @@ class ModelRunner:
                 try:
                     _collect(step, sampling, [i], sample(logits[i:i + 1], [row]))
                 except Exception as exc:  # noqa: BLE001 - this request ends, the others go on
-                    step.errors[sampling[i].request_id] = RequestFailed(
-                        f"sampling failed: {type(exc).__name__}: {exc}")
+                    step.errors[sampling[i].request_id] = RowError(f"sampling failed: {type(exc).__name__}: {exc}")
         return step
 
 
@@ -433,7 +439,7 @@ def _collect(step: StepResult, sampling: list, index: Any, res: SamplerOutput) -
     for k, i in enumerate(index):
         r = sampling[i]
         if k in res.failed:
-            step.errors[r.request_id] = RequestFailed(res.failed[k], client_error=True)
+            step.errors[r.request_id] = RowError(res.failed[k], client_error=True)
             continue
         step.sampled[r.request_id] = res.token_ids[k]
         if res.logprobs is not None and r.sampling_params.logprobs is not None:
