@@ -13,56 +13,7 @@ import sys
 from typing import Any, Callable
 
 from shoal import __version__
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="HF directory, HF-cache id, or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="platform to run on (cpu, cuda, npu, xpu, mps, or a plug-in)")
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="quantize weights at load (weight-only)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-memory", type=str, default=None,
-                   help="KV cache budget, e.g. 512MiB or 2GiB (default: a fraction of free memory)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile) at start-up: faster decode, slower start")
-
-
-def parse_size(text: str | None) -> int | None:
-    if text is None:
-        return None
-    units = {"k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "b": 1,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    t = text.strip().lower()
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * units[suffix])
-    return int(t)
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return dict(
-        dtype=args.dtype,
-        device=args.device,
-        quantization=args.quantization,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=parse_size(args.kv_cache_memory),
-        block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=not getattr(args, "compile", False),
-    )
+from shoal.engine.args import add_engine_args, engine_options
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -146,13 +97,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
-def _hook(module: str, fn: str) -> Callable[[Any], None] | None:
+def _hook(module: str, fn: str) -> Callable[[Any], None]:
+    """A subcommand's parser hook, imported only now (so `shoal --help` stays light). A module that
+    fails to import is an error, not a silently missing subcommand."""
     import importlib
 
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
-        return None
+    return getattr(importlib.import_module(module), fn)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     g.add_argument("prompt")
     g.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat message")
-    _add_engine_args(g)
+    add_engine_args(g)
     _add_sampling_args(g, 128)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")
     c.add_argument("--system", default=None, help="system prompt")
-    _add_engine_args(c)
+    add_engine_args(c)
     _add_sampling_args(c, 512)
     c.set_defaults(func=cmd_chat)
 
@@ -181,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("shoal.backends.cli", "add_doctor_parser"),
         ("shoal.backends.cli", "add_conformance_parser"),
     ]:
-        hook = _hook(module, fn)
-        if hook is not None:
-            hook(sub)
+        _hook(module, fn)(sub)
     return p
 
 
@@ -195,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from shoal.errors import user_error_types
+    from shoal.errors import ShoalError
 
     try:
         return int(args.func(args) or 0)
-    except user_error_types() as exc:
+    except ShoalError as exc:
         print(f"shoal: error: {exc}", file=sys.stderr)
         return 1
 

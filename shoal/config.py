@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.errors import ShoalError
+
 # model_type values shoal can run, and the family (model file) each one maps to
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
@@ -22,7 +24,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ShoalError, ValueError):
     """A config field is missing or unsupported; the message names the field and the fix."""
 
 

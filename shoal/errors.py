@@ -1,28 +1,9 @@
-"""Errors a user can act on. The CLI prints them as one line instead of a traceback."""
+"""Errors a user can act on. Every one derives from `ShoalError`, so the CLI prints them as one line
+instead of a traceback; this module imports nothing of shoal's, so any layer may raise them."""
 
 from __future__ import annotations
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from shoal.config import ConfigError
-
-    types: list[type[BaseException]] = [ConfigError]
-    try:
-        from shoal.loader import CheckpointError, ModelNotFound
-
-        types += [ModelNotFound, CheckpointError]
-    except ImportError:
-        pass
-    try:
-        from shoal.loader.chat_template import ChatTemplateError
-
-        types.append(ChatTemplateError)
-    except ImportError:
-        pass
-    try:
-        from shoal.models.weights import WeightLoadError
-
-        types.append(WeightLoadError)
-    except ImportError:
-        pass
-    return tuple(types)
+class ShoalError(Exception):
+    """A problem with the user's input or setup (a missing file, a bad option, a template that does
+    not render); the message says what and how to fix it."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from typing import Any
 
 def add_offline_args(p: argparse.ArgumentParser, runs: int) -> None:
     """Options every offline benchmark verb shares: the engine's, plus runs/seed/eager/json."""
-    from shoal.cli import _add_engine_args
+    from shoal.engine.args import add_engine_args
 
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--runs", type=int, default=runs)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="do not compile the decode step")
@@ -21,7 +21,7 @@ def add_offline_args(p: argparse.ArgumentParser, runs: int) -> None:
 
 def offline_llm(args: argparse.Namespace, **overrides: Any) -> Any:
     """The offline engine for a benchmark verb, from its parsed options."""
-    from shoal.cli import engine_options
+    from shoal.engine.args import engine_options
     from shoal.engine.llm import LLM
 
     opts = engine_options(args) | {"enforce_eager": args.enforce_eager} | overrides

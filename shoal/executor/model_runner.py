@@ -14,7 +14,7 @@ import os
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,11 +22,13 @@ from torch._dynamo.utils import counters
 
 from shoal.backends.base import Platform
 from shoal.config import EngineConfig, ModelConfig
-from shoal.engine.scheduler import SchedulerOutput
-from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
+from shoal.forward_batch import AttentionMetadata, ForwardBatch
 from shoal.layers.sampler import SamplerOutput, SamplingRow, sample
 from shoal.loader import ModelSource, iter_gguf_raw, iter_weights
 from shoal.models.registry import model_class
+
+if TYPE_CHECKING:  # the scheduler's output is read, never built, here: the engine sits above
+    from shoal.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("shoal")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shoal.backends import ops
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 
 class PagedAttention(nn.Module):

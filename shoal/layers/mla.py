@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.backends import ops
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 MLAMode = Literal["naive", "absorbed", "auto"]
 

@@ -24,6 +24,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shoal.errors import ShoalError
+
 log = logging.getLogger(__name__)
 
 # used when a checkpoint ships no template
@@ -40,7 +42,7 @@ CHATML_TEMPLATE = (
 MAX_ERROR_CHARS = 500
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ShoalError, ValueError):
     """The template failed to compile or render: syntax, sandbox violation, its own raise_exception,
     or any Python error it provoked (ZeroDivisionError, RecursionError, MemoryError, ...).
 

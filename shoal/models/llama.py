@@ -16,7 +16,7 @@ from torch import nn
 from shoal.backends import ops
 from shoal.backends.specs import DenseLayerSpec, DenseStackSpec
 from shoal.config import ModelConfig
-from shoal.executor.forward_batch import ForwardBatch
+from shoal.forward_batch import ForwardBatch
 from shoal.layers.attention import PagedAttention
 from shoal.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear

@@ -12,10 +12,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from shoal.errors import ShoalError
 from shoal.layers.weight_names import route
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(ShoalError, ValueError):
     pass
 
 

@@ -30,11 +30,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal import __version__
 from shoal.server.errors import APIError, error_bytes, install_error_handlers
-from shoal.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from shoal.server.limits import ServerLimits
+from shoal.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from shoal.server.openapi import install_openapi
-from shoal.server.template_sandbox import TemplateLimits
 from shoal.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from shoal.server.template_sandbox import TemplateLimits
 
 log = logging.getLogger("shoal.server")
 
@@ -438,7 +438,7 @@ def _graceful_server_class() -> type:
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    from shoal.cli import engine_options
+    from shoal.engine.args import engine_options
 
     opts = engine_options(args)
     if getattr(args, "max_waiting", None) is not None:

@@ -9,9 +9,9 @@ from typing import Any
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from shoal.cli import _add_engine_args, parse_size
+    from shoal.engine.args import add_engine_args, parse_size
 
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SHOAL_API_KEY"),

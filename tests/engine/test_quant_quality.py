@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from shoal import LLM, SamplingParams
-from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
+from shoal.forward_batch import AttentionMetadata, ForwardBatch
 from tests.golden.test_default_model_greedy import PROMPTS as GOLDEN_PROMPTS
 
 pytestmark = pytest.mark.slow

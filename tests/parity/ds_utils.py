@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shoal.config import ModelConfig
-from shoal.executor.forward_batch import AttentionMetadata, ForwardBatch
+from shoal.forward_batch import AttentionMetadata, ForwardBatch
 from shoal.loader import iter_weights, load_config, resolve_model
 from tests.tiny import write_tokenizer
 

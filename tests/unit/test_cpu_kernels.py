@@ -11,7 +11,7 @@ import torch
 
 from shoal.backends import native
 from shoal.backends.cpu import kernels
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 # every test once per ISA tier this CPU has (tests/conftest.py `cpu_tier`)
 pytestmark = [pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built here"),

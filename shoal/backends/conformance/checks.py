@@ -23,10 +23,16 @@ import torch.nn.functional as F
 
 from shoal.backends.base import Platform
 from shoal.backends.conformance.compare import (
-    QUANT_GLU_TOLERANCES, QUANT_LINEAR_TOLERANCES, TOLERANCES, CaseResult, dtype_name, judge, scaled_error,
+    QUANT_GLU_TOLERANCES,
+    QUANT_LINEAR_TOLERANCES,
+    TOLERANCES,
+    CaseResult,
+    dtype_name,
+    judge,
+    scaled_error,
 )
 from shoal.backends.native import NATIVE_OPS
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 F64 = torch.float64
 Thunk = Callable[[], CaseResult]
@@ -538,7 +544,7 @@ def _dense_layer_cases(c: OpContext, name: str, num_layers: int,
     side on fresh copies of the caches; the outputs compared (a later layer's reads the K/V rows the
     ones before it wrote)."""
     from shoal.config import ModelConfig
-    from shoal.executor.forward_batch import ForwardBatch
+    from shoal.forward_batch import ForwardBatch
     from shoal.layers.quant import quantize_model
     from shoal.models.llama import LlamaDecoderLayer
 

@@ -23,7 +23,7 @@ from shoal.backends import native
 from shoal.backends.base import Platform
 from shoal.backends.cpu import isa, kernels, routing
 from shoal.backends.specs import DenseLayerSpec, DenseStackSpec
-from shoal.executor.forward_batch import AttentionMetadata
+from shoal.forward_batch import AttentionMetadata
 
 
 def _weight_class(qweight) -> str:  # noqa: ANN001 — a layers.quant.QuantizedWeight
