@@ -73,7 +73,7 @@ def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tens
     flat.index_copy_(0, slot_mapping, values.to(cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """The first `length` cached entries of one request: [length, ...]."""
     nblocks = (length + block_size - 1) // block_size
     blocks = cache.index_select(0, block_table[:nblocks])  # [nb, bs, ...]
@@ -121,8 +121,8 @@ def paged_attention(
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         qi = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
-        k = _gather_context(k_cache, meta.block_tables[i], length, meta.block_size).transpose(0, 1)
-        v = _gather_context(v_cache, meta.block_tables[i], length, meta.block_size).transpose(0, 1)
+        k = gather_context(k_cache, meta.block_tables[i], length, meta.block_size).transpose(0, 1)
+        v = gather_context(v_cache, meta.block_tables[i], length, meta.block_size).transpose(0, 1)
         if n == length:
             o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv)
         else:
@@ -155,7 +155,7 @@ def mla_attention(
     outs = []
     start = 0
     for i, (n, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        ctx = _gather_context(kv_cache, meta.block_tables[i], length, meta.block_size)  # [L, C+R]
+        ctx = gather_context(kv_cache, meta.block_tables[i], length, meta.block_size)  # [L, C+R]
         qi = q[start : start + n]  # [n, H, C+R]
         scores = torch.einsum("nhc,lc->hnl", _acc(qi), _acc(ctx)) * scale
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.backends import ops
+from shoal.backends import native, ops
 from shoal.forward_batch import AttentionMetadata
 
 MLAMode = Literal["naive", "absorbed", "auto"]
@@ -128,7 +128,7 @@ class MultiLatentAttention(nn.Module):
         outs = []
         start = 0
         for i, (qn, length) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            ctx = _gather_context(self.kv_cache, meta.block_tables[i], length, meta.block_size)  # [L, C + R]
+            ctx = native.gather_context(self.kv_cache, meta.block_tables[i], length, meta.block_size)  # [L, C + R]
             kv = torch.einsum("lc,hkc->hlk", ctx[:, :c].to(w.dtype), w)  # [H, L, N + V]
             k_nope, v = kv[..., :n], kv[..., n:]
             k_pe = ctx[:, c:].to(w.dtype).unsqueeze(0).expand(self.num_heads, -1, -1)  # [H, L, R]
@@ -139,9 +139,3 @@ class MultiLatentAttention(nn.Module):
             outs.append(o.transpose(0, 1))  # [qn, H, V]
             start += qn
         return torch.cat(outs, dim=0)
-
-
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """The first `length` cached latents of one request: [length, C + R]."""
-    nblocks = (length + block_size - 1) // block_size
-    return cache.index_select(0, block_table[:nblocks]).flatten(0, 1)[:length]

@@ -263,11 +263,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         for layer in self.mtp:
             layer.self_attn.attn.cache_enabled = True
 
-    def set_mla_mode(self, mode: MLAMode) -> None:
-        for m in self.modules():
-            if isinstance(m, MultiLatentAttention):
-                m.mode = mode
-
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Cache bytes one token costs across all layers (the latent + rope key per layer)."""
         return sum(

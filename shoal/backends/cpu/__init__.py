@@ -604,14 +604,7 @@ class CpuPlatform(Platform):
         }
 
     def device_name(self, index: int | None = None) -> str:
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return _pyplatform.processor() or "cpu"
+        return isa.cpuinfo_field("model name") or _pyplatform.processor() or "cpu"
 
     def memory_info(self, index: int | None = None) -> tuple[int, int]:
         return _meminfo()
@@ -637,6 +630,3 @@ class CpuPlatform(Platform):
         out["kernel tier"] = kernels.tier() or "none (plain torch)"
         out["bf16 fast (dtype auto)"] = "yes" if self.has_fast_bf16() else "no"
         return out
-
-    def physical_cores(self) -> int:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

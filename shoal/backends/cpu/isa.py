@@ -53,16 +53,23 @@ def compile_flags(tier: str) -> list[str]:
     return list(_X86_FLAGS[tier]) if is_x86() else []
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is no such file)."""
+def cpuinfo_field(name: str) -> str | None:
+    """One field of the first CPU in /proc/cpuinfo ("flags", "model name"); None where there is no
+    such file or field. The one place shoal reads it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is no such file)."""
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def cpu_tiers(flags: frozenset[str] | None = None) -> tuple[str, ...]:
