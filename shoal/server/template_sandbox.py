@@ -12,8 +12,8 @@ client sends (`--allow-request-chat-template`) render here instead:
 
 Workers are long-lived (a render costs one round trip, well under a millisecond, and compiled
 templates stay cached) and are replaced whenever one is killed or hits a limit. They are forked by
-multiprocessing's `forkserver`, which preloads jinja2 and `shoal.loader.chat_template` once (and with
-it torch, which `shoal.loader` imports): a fork of a process that runs no server threads and holds
+multiprocessing's `forkserver`, which preloads jinja2 and `shoal.loader.chat_template` once (no
+torch: `shoal.loader` imports its submodules lazily): a fork of a process that runs no server threads and holds
 none of the server's sockets, in tens of milliseconds. Without `resource` or `forkserver` (not
 Linux), templates render in a thread with the timeout only (the thread cannot be stopped; the caller
 gets its answer on time).
