@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from shoal.backends.cpu import isa
+
 ROOT = Path(__file__).resolve().parent.parent
 BOMB = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
 
@@ -156,8 +158,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     stamp = datetime.now(timezone.utc)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = isa.cpuinfo_field("model name") or platform.processor()
     head = (f"# Server stall under heavy requests — {stamp:%Y-%m-%d %H:%M} UTC\n\n"
             f"Server: `{label}`, default model, `--max-model-len 2048`, on {cpu} ({os.cpu_count()} cores). "
             "A 400-token stream runs throughout; `/health` is polled every 20 ms.\n\n"
